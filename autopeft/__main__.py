@@ -1,0 +1,5 @@
+import sys
+
+from autopeft.cli import main
+
+sys.exit(main())

@@ -1,0 +1,163 @@
+"""The ``autopeft`` command line: search, validate, export, plugins.
+
+User errors (a bad spec, a missing model, a run folder of another spec) print one message and exit with code 2;
+Ctrl-C exits with 130 after saving what finished. Heavy libraries are imported inside the commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _plan(spec_path: str, output: str | None = None):
+    from autopeft.plan import make_plan
+    from autopeft.spec import load_spec
+
+    spec = load_spec(spec_path)
+    if output:
+        spec.output.dir = output
+    return make_plan(spec)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    plan = _plan(args.spec)
+    spec = plan.spec
+    variants = ", ".join(f"{name} ({len(space)} parameters)" for name, space in plan.spaces.items())
+    _console().print(
+        f"[green]OK[/] {args.spec}: {spec.model.task} on {spec.model.id}; data {spec.data.source}; "
+        f"variants {variants}; {spec.search.n_trials} trials of {spec.training.max_steps} steps -> {spec.run_dir}"
+    )
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from autopeft.orchestrators.local import run_search
+
+    plan = _plan(args.spec, args.output)
+    result = run_search(plan, _console(), n_trials=args.n_trials, timeout=args.timeout)
+    if result.interrupted:
+        return EXIT_INTERRUPTED
+    return 0 if result.best_trial is not None else 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from autopeft.export import export_trial
+    from autopeft.plan import make_plan
+    from autopeft.rundir import RunDir, open_study
+    from autopeft.trial import Workbench
+
+    run_dir = RunDir(args.run_dir)
+    spec = run_dir.load_spec()
+    plan = make_plan(spec)
+    study = open_study(run_dir, spec.direction)
+    console = _console()
+    workbench = Workbench(plan, console.log)
+    out = Path(args.out)
+    info = export_trial(study, plan, workbench, run_dir, args.trial, out)
+    console.print(f"Exported trial {args.trial} to {out}: validation {spec.metric} {info['validation'][spec.metric]:.4f}, test {info['test'][spec.metric]:.4f}")
+    return 0
+
+
+def _plugin_listing(extra: tuple[str, ...]) -> dict:
+    from autopeft.plan import preset_names
+    from autopeft.registry import load_registry
+
+    registry = load_registry(extra)
+    variants = []
+    for name, found in sorted(registry.variants.items()):
+        variant = found.item
+        space = {
+            param_name: {"type": type(param).__name__.removesuffix("Param").lower(), "range": param.describe(), "default": param.default, "help": param.help, "condition": param.condition}
+            for param_name, param in variant.search_space().items()
+        }
+        variants.append({"name": name, "source": found.source, "summary": variant.summary, "paper": variant.paper, "export_format": variant.export_format, "space": space})
+    return {
+        "variants": variants,
+        "models": [{"model_id": f.item.model_id, "summary": f.item.summary, "source": f.source, "installed": f.item.locate() is not None} for f in registry.model_sources],
+        "corpora": [{"name": n, "summary": f.item.summary, "task": f.item.task, "source": f.source} for n, f in sorted(registry.corpora.items())],
+        "presets": preset_names(),
+        "broken": [{"plugin": b.plugin, "source": b.source, "reason": b.reason} for b in registry.broken],
+    }
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    listing = _plugin_listing(tuple(str(Path(p).resolve()) for p in args.plugin))
+    if args.json:
+        print(json.dumps(listing, indent=2, default=str))
+        return 0
+    from rich.table import Table
+
+    console = _console()
+    for variant in listing["variants"]:
+        table = Table(title=f"[bold]{variant['name']}[/] — {variant['summary']} ({variant['source']})", title_justify="left", caption=variant["paper"], caption_justify="left")
+        for column in ("parameter", "range", "default", "meaning"):
+            table.add_column(column)
+        for name, param in variant["space"].items():
+            condition = " (when " + ", ".join(f"{k} in {v}" for k, v in param["condition"].items()) + ")" if param["condition"] else ""
+            table.add_row(name, param["range"], repr(param["default"]), param["help"] + condition)
+        console.print(table)
+    console.print("[bold]models[/]: " + "; ".join(f"{m['model_id']} ({'installed' if m['installed'] else 'not installed'}, {m['source']})" for m in listing["models"]))
+    console.print("[bold]corpora[/]: " + "; ".join(f"{c['name']} ({c['task']}, {c['source']})" for c in listing["corpora"]))
+    console.print("[bold]presets[/]: " + ", ".join(listing["presets"]))
+    for broken in listing["broken"]:
+        console.print(f"[red]broken plugin[/] {broken['plugin']} ({broken['source']}): {broken['reason']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autopeft", description="Search LoRA-family adapter configurations and export the best as a PEFT adapter.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    search = commands.add_parser("search", help="run or resume the search a spec describes")
+    search.add_argument("spec", help="path to the spec YAML file")
+    search.add_argument("--n-trials", type=int, help="override search.n_trials (a larger number extends a finished run)")
+    search.add_argument("--timeout", type=float, help="override search.timeout, in seconds")
+    search.add_argument("--output", help="override output.dir")
+    search.set_defaults(func=cmd_search)
+
+    validate = commands.add_parser("validate", help="check a spec without loading any model")
+    validate.add_argument("spec")
+    validate.set_defaults(func=cmd_validate)
+
+    export = commands.add_parser("export", help="export a finished trial as a PEFT adapter folder")
+    export.add_argument("run_dir", help="the run folder (output.dir of the search)")
+    export.add_argument("--trial", type=int, required=True, help="trial number (see trials.csv)")
+    export.add_argument("--out", required=True, help="folder to write the adapter to")
+    export.set_defaults(func=cmd_export)
+
+    plugins = commands.add_parser("plugins", help="list variants, models, corpora and presets the installed plugins provide")
+    plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    plugins.add_argument("--plugin", action="append", default=[], help="also load this plugin file or folder")
+    plugins.set_defaults(func=cmd_plugins)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``autopeft`` console script."""
+    from autopeft.errors import AutoPeftError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except AutoPeftError as exc:
+        _console(stderr=True).print(f"[red]error:[/] {exc}", soft_wrap=True)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _console(stderr=True).print("[yellow]interrupted[/]")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""The spec: one YAML file that says what to search, validated into typed objects before anything heavy loads.
+
+Sections: ``model``, ``data``, ``search``, ``training``, ``output`` and an optional list of ``plugins``. Unknown
+keys are errors (a typo must not be silently ignored). Paths in ``data`` and ``plugins`` are relative to the spec
+file; ``output.dir`` is relative to the working directory, like ``--output_dir`` in Hugging Face scripts.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from autopeft.errors import SpecError, SpecErrors
+
+METRICS = {
+    "sequence-classification": {"accuracy": "maximize", "macro_f1": "maximize", "eval_loss": "minimize"},
+    "causal-lm": {"eval_loss": "minimize", "perplexity": "minimize"},
+}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)?\s*$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelSpec(_Section):
+    id: str = Field(description="hub id (e.g. sentence-transformers/all-MiniLM-L6-v2) or a local folder")
+    task: Literal["sequence-classification", "causal-lm"] = "sequence-classification"
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+
+
+class SplitSpec(_Section):
+    """Sizes of the splits made when the data has a single split: a count, or a fraction of the data."""
+
+    train: Optional[Union[int, float]] = Field(None, gt=0, description="cap on training examples (null: the rest)")
+    validation: Union[int, float] = Field(0.1, gt=0)
+    test: Union[int, float] = Field(0.1, gt=0)
+    seed: int = 0
+
+    @field_validator("train", "validation", "test")
+    @classmethod
+    def _fraction_below_one(cls, value: Any) -> Any:
+        if isinstance(value, float) and value >= 1:
+            raise ValueError("a fraction must be below 1 (write a whole number for a count)")
+        return value
+
+
+class DataSpec(_Section):
+    source: Union[str, dict[str, str]] = Field(
+        description="a built-in corpus name, a csv/jsonl/parquet file, a `datasets` folder, or {split: file}"
+    )
+    format: Literal["auto", "csv", "jsonl", "json", "parquet", "datasets"] = "auto"
+    text_column: Optional[str] = "text"
+    label_column: Optional[str] = "label"
+    prompt_column: Optional[str] = None
+    response_column: Optional[str] = None
+    max_length: int = Field(128, ge=8, le=131072)
+    splits: SplitSpec = Field(default_factory=SplitSpec)
+
+
+class SearchSpec(_Section):
+    variants: list[str] = Field(default_factory=lambda: ["lora"], min_length=1)
+    preset: Optional[str] = Field(None, description="a search-space preset from search_spaces/ or a YAML file")
+    space: dict[str, Any] = Field(default_factory=dict, description="overrides: {param: value | [choices] | {low, high, ...}}")
+    metric: Optional[str] = Field(None, description="what the search optimises; default accuracy or eval_loss by task")
+    sampler: Literal["tpe", "random", "cmaes", "qmc", "nsgaii"] = "tpe"
+    seed: int = 0
+    n_trials: int = Field(20, ge=1)
+    timeout: Optional[Union[float, str]] = Field(None, description="stop starting trials after this long: seconds, or '90s', '30m', '2h'")
+    baseline: bool = Field(True, description="run each variant's default configuration first")
+    backend: Literal["optuna"] = "optuna"
+
+    @field_validator("timeout")
+    @classmethod
+    def _seconds(cls, value: Any) -> Optional[float]:
+        if value is None:
+            return None
+        if isinstance(value, (int, float)):
+            seconds = float(value)
+        else:
+            match = _DURATION.match(value)
+            if not match:
+                raise ValueError("a duration is a number of seconds or a number with s, m or h (e.g. 30m)")
+            seconds = float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
+        if seconds <= 0:
+            raise ValueError("the timeout must be positive")
+        return seconds
+
+
+class TrainingSpec(_Section):
+    max_steps: int = Field(200, ge=1)
+    batch_size: int = Field(16, ge=1)
+    eval_every: Optional[int] = Field(None, ge=1, description="steps between evaluations (null: only at the end)")
+    eval_batch_size: int = Field(64, ge=1)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: Optional[float] = Field(1.0, gt=0)
+
+
+class OutputSpec(_Section):
+    dir: Optional[str] = Field(None, description="run folder; default runs/<spec file name>")
+
+
+class Spec(_Section):
+    version: Literal[1] = 1
+    name: Optional[str] = None
+    model: ModelSpec
+    data: DataSpec
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    plugins: list[str] = Field(default_factory=list, description="plugin files or folders to load")
+
+    # Set by load_spec; not part of the YAML.
+    _path: Optional[Path] = None
+
+    @property
+    def path(self) -> Optional[Path]:
+        return self._path
+
+    @property
+    def base_dir(self) -> Path:
+        """The folder relative paths in ``data`` and ``plugins`` are resolved against."""
+        return self._path.parent if self._path else Path.cwd()
+
+    @property
+    def run_dir(self) -> Path:
+        if self.output.dir:
+            return Path(self.output.dir)
+        stem = self._path.stem if self._path else (self.name or "run")
+        return Path("runs") / stem
+
+    @property
+    def metric(self) -> str:
+        return self.search.metric or ("accuracy" if self.model.task == "sequence-classification" else "eval_loss")
+
+    @property
+    def direction(self) -> str:
+        return METRICS[self.model.task][self.metric]
+
+    def plugin_paths(self) -> tuple[str, ...]:
+        return tuple(str((self.base_dir / p).resolve()) for p in self.plugins)
+
+    def resolve_path(self, path: str) -> Path:
+        return (self.base_dir / path).expanduser()
+
+    def to_yaml(self) -> str:
+        """The resolved spec (defaults filled in), as written to ``RUN_DIR/spec.yaml``."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading and error messages
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str] | None:
+    """Names of the keys allowed at the level of ``loc`` (for 'unknown key' messages)."""
+    model: Any = Spec
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return None
+    return list(model.model_fields)
+
+
+def _lookup(raw: Any, loc: tuple[Any, ...]) -> Any:
+    for part in loc:
+        if isinstance(raw, dict) and part in raw:
+            raw = raw[part]
+        elif isinstance(raw, list) and isinstance(part, int) and part < len(raw):
+            raw = raw[part]
+        else:
+            return None
+    return raw
+
+
+def _spec_error(file: str, raw: dict, error: dict) -> SpecError:
+    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and ("[" in p or p in ("int", "float", "str"))))
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        allowed = _fields_at(loc)
+        return SpecError(file, key, _lookup(raw, loc), "unknown key; allowed keys here: " + ", ".join(allowed or []))
+    if kind == "missing":
+        return SpecError(file, key, None, "this key is required")
+    message = error["msg"]
+    message = message[0].lower() + message[1:] if message else message
+    message = message.removeprefix("value error, ")
+    return SpecError(file, key, _lookup(raw, loc), message)
+
+
+def parse_spec(raw: Any, file: str = "<spec>") -> Spec:
+    """Validate an already-parsed YAML document into a :class:`Spec` (schema only, no file-system checks)."""
+    if not isinstance(raw, dict):
+        raise SpecError(file, "(top level)", raw, "a spec is a mapping with keys model, data, search, training, output")
+    try:
+        return Spec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecErrors([_spec_error(file, raw, e) for e in exc.errors()]) from None
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read a spec file with ``yaml.safe_load`` and validate its schema. Raises :class:`SpecError(s)`."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(str(path), "(file)", str(path), "the spec file does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
+        raise SpecError(str(path), where, getattr(exc, "problem", str(exc)), "the file is not valid YAML") from None
+    spec = parse_spec(raw, str(path))
+    spec._path = path.resolve()
+    return spec
+
+
+def check_metric(spec: Spec) -> list[SpecError]:
+    allowed = METRICS[spec.model.task]
+    if spec.metric not in allowed:
+        return [SpecError(str(spec.path), "search.metric", spec.metric, f"for {spec.model.task} choose one of {', '.join(allowed)}")]
+    return []
+

@@ -1,0 +1,1 @@
+"""Search-space presets (YAML) that specs include with ``search: {preset: <name>}``."""
