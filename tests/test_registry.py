@@ -1,0 +1,44 @@
+"""Plugin discovery: built-ins through the entry-point group, spec-listed files, and broken plugins isolated."""
+
+from __future__ import annotations
+
+import json
+
+from autopeft.cli import main
+from autopeft.registry import load_registry
+
+
+def test_builtins_are_found_through_the_entry_point_group():
+    registry = load_registry()
+    assert registry.variants["lora"].source == "built-in"
+    assert {"rotten-tomatoes", "bbc-news"} <= set(registry.corpora)
+    assert "sentence-transformers/all-MiniLM-L6-v2" in {f.item.model_id for f in registry.model_sources}
+
+
+def test_a_broken_plugin_is_reported_and_the_others_keep_working(tmp_path):
+    (tmp_path / "bad_import.py").write_text("import not_a_module_anywhere\n")
+    (tmp_path / "bad_space.py").write_text(
+        "from autopeft import Variant, IntParam, hookimpl\n"
+        "class Bad(Variant):\n"
+        "    name = 'bad'\n"
+        "    def search_space(self):\n"
+        "        return {'r': IntParam(10, 1, default=4)}\n"
+        "@hookimpl\n"
+        "def autopeft_variants():\n"
+        "    return [Bad()]\n"
+    )
+    registry = load_registry((str(tmp_path / "bad_import.py"), str(tmp_path / "bad_space.py")))
+    reasons = {b.plugin: b.reason for b in registry.broken}
+    assert "ModuleNotFoundError" in reasons["bad_import"]
+    assert "low 10 is above high 1" in reasons["bad_space"]
+    assert "bad" not in registry.variants and "lora" in registry.variants
+
+
+def test_plugins_command_lists_variants_and_their_space_as_json(capsys):
+    assert main(["plugins", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    lora = next(v for v in listing["variants"] if v["name"] == "lora")
+    assert lora["source"] == "built-in"
+    assert {"learning_rate", "target_modules", "r", "alpha_ratio", "dropout"} == set(lora["space"])
+    assert lora["space"]["r"]["default"] == 8
+    assert "lora-rank-placement" in listing["presets"]
