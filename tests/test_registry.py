@@ -42,3 +42,22 @@ def test_plugins_command_lists_variants_and_their_space_as_json(capsys):
     assert {"learning_rate", "target_modules", "r", "alpha_ratio", "dropout"} == set(lora["space"])
     assert lora["space"]["r"]["default"] == 8
     assert "lora-rank-placement" in listing["presets"]
+
+
+def test_a_third_party_package_is_listed_and_searchable(tmp_path, tiny_bert, sentiment_csv, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from conftest import write_spec
+
+    assert main(["plugins", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    lora_fa = next(v for v in listing["variants"] if v["name"] == "lora-fa")
+    assert lora_fa["source"].startswith("autopeft-lora-fa")
+
+    spec = write_spec(tmp_path, model={"id": str(tiny_bert)}, data={"source": str(sentiment_csv)}, search={"variants": ["lora-fa"], "n_trials": 1, "space": {}})
+    assert main(["search", str(spec)]) == 0
+    best = tmp_path / "run" / "best"
+    assert json.loads((best / "autopeft.json").read_text())["variant"] == "lora-fa"
+    model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2), best)
+    assert any("lora_A" in name for name, _ in model.named_parameters())
