@@ -17,7 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autopeft.adapters import detach_peft_model
+from autopeft.adapters import adapter_ranks, detach_peft_model
 from autopeft.errors import RunDirError
 from autopeft.plan import Plan
 from autopeft.rundir import RunDir, trial_record
@@ -58,12 +58,22 @@ def export_adapter(workbench: Workbench, adapter_dir: Path, out_dir: Path, recor
     config["base_model_name_or_path"] = spec.model.id
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
+    bits_file = adapter_dir / "adapter_bits.json"
+    bits = json.loads(bits_file.read_text()) if bits_file.is_file() else {}
+    if bits:
+        shutil.copy2(bits_file, staging / bits_file.name)
+
     model = PeftModel.from_pretrained(workbench.base_model, str(staging))
     try:
+        ranks = adapter_ranks(model)
         validation = workbench.evaluate(model, workbench.data.validation)
         test = workbench.evaluate(model, workbench.data.test)
     finally:
         workbench.base_model = detach_peft_model(model)
+    modules = [
+        {"name": site.name, "role": site.role, "layer": site.layer, "rank": ranks.get(site.name, 0), "bits": bits.get(site.name)}
+        for site in workbench.sites
+    ]
 
     info = {
         "autopeft_version": package_versions().get("autopeft", ""),
@@ -78,6 +88,7 @@ def export_adapter(workbench: Workbench, adapter_dir: Path, out_dir: Path, recor
             "dtype": str(workbench.dtype).removeprefix("torch."),
             "labels": workbench.data.label_names,
         },
+        "modules": modules,
         "data": {"source": spec.data.source, "max_length": spec.data.max_length, "sizes": workbench.data.describe()},
         "training": spec.training.model_dump(mode="json"),
         "versions": package_versions(),
@@ -121,6 +132,24 @@ def export_trial(study: optuna.Study, plan: Plan, workbench: Workbench, run_dir:
     finally:
         if adapter_dir.name.endswith(".retrain"):
             shutil.rmtree(adapter_dir, ignore_errors=True)
+
+
+def module_table(modules: list[dict[str, Any]]) -> str:
+    """A markdown grid of rank (and bits) per layer and module role; empty when no module has a known rank."""
+    if not any(m["rank"] for m in modules):
+        return ""
+    roles = [r for r in dict.fromkeys(m["role"] for m in modules)]
+    layers = sorted({m["layer"] for m in modules})
+    cell = {(m["layer"], m["role"]): m for m in modules}
+
+    def show(module: dict[str, Any] | None) -> str:
+        if module is None or not module["rank"]:
+            return "·"
+        return f"{module['rank']}" + (f" ({module['bits']}b)" if module.get("bits") else "")
+
+    header = "| layer | " + " | ".join(roles) + " |\n|---|" + "---|" * len(roles) + "\n"
+    rows = "".join(f"| {layer} | " + " | ".join(show(cell.get((layer, role))) for role in roles) + " |\n" for layer in layers)
+    return "## Rank per module\n\nRank of the adapter on each module (· = no adapter" + (", bits in brackets" if any(m.get("bits") for m in modules) else "") + ").\n\n" + header + rows + "\n"
 
 
 def _format(value: Any) -> str:
@@ -184,7 +213,7 @@ Found by an autopeft search: trial {info['trial']}, chosen by validation {info['
 - data: {info['data']['source']} ({', '.join(f'{k} {v}' for k, v in info['data']['sizes'].items() if k != 'labels')}), max length {info['data']['max_length']}
 - training: {info['training']['max_steps']} steps, batch size {info['training']['batch_size']}
 
-## Use it
+{module_table(info.get("modules") or [])}## Use it
 
 Nothing from autopeft is needed:
 

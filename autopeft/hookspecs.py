@@ -53,6 +53,11 @@ class AttachContext:
     """The trial's seed; autopeft has already seeded torch with it."""
     calibration_batches: Callable[[int], Iterator[dict[str, torch.Tensor]]] = field(repr=False, default=None)  # type: ignore[assignment]
     """``calibration_batches(n)`` yields ``n`` training batches on the model's device, for data-aware inits."""
+    ranks: dict[str, int] | None = None
+    """A rank per target module chosen by the outer search (``search.allocation``), or None. When set, a variant
+    with :attr:`Variant.supports_module_ranks` must give each module its rank; ``target_modules`` then lists
+    exactly the modules with a rank above 0. :func:`autopeft.adapters.lora_rank_kwargs` builds the PEFT
+    arguments."""
 
 
 class Variant:
@@ -71,6 +76,8 @@ class Variant:
     export_format: str = "native"
     """How the result becomes a PEFT adapter: ``"native"`` (PEFT has the method), ``"lora"`` (converted to a
     LoRA adapter) or ``"merged"`` (folded into a LoRA of the weight difference)."""
+    supports_module_ranks: bool = False
+    """Whether :meth:`attach` honours ``context.ranks`` (a rank per module chosen by the outer search)."""
 
     def search_space(self) -> dict[str, Param]:
         """The searchable parameters of this method, ``{name: IntParam | FloatParam | CategoricalParam}``.
@@ -96,10 +103,18 @@ class Variant:
         ``step`` counts from 1. The default does nothing.
         """
 
+    def regularizer(self, model: torch.nn.Module, step: int, context: AttachContext) -> torch.Tensor | None:
+        """An extra loss term added to the task loss at every training step (sparsity, bit or orthogonality
+        penalties), or None. Called before ``backward()``; ``step`` counts from 1. The default adds nothing.
+        """
+        return None
+
     def export(self, model: torch.nn.Module, out_dir: Path) -> None:
         """Write the trained adapter to ``out_dir`` in a format ``peft.PeftModel.from_pretrained`` loads.
 
-        The default saves a PEFT model as it is (safetensors). Variants PEFT does not have convert here.
+        The default saves a PEFT model as it is (safetensors). Variants PEFT does not have convert here. A variant
+        that quantizes adapter weights also writes ``adapter_bits.json`` (``{module name: bits}``); autopeft
+        records it in ``autopeft.json`` and the model card.
         """
         model.save_pretrained(str(out_dir), safe_serialization=True)
 

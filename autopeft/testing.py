@@ -111,6 +111,8 @@ def check_variant(
     model.train()
     for step in range(1, steps + 1):
         loss = model(**tiny_batch(task, seed=100 + step)).loss
+        penalty = variant.regularizer(model, step, context)
+        loss = loss if penalty is None else loss + penalty
         assert torch.isfinite(loss), f"{variant.name}: loss is {loss.item()} at step {step}"
         loss.backward()
         optimizer.step()

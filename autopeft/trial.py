@@ -148,6 +148,9 @@ class Workbench:
             model.train()
             for step in range(1, training.max_steps + 1):
                 loss = model(**next(train_batches)).loss
+                penalty = variant.regularizer(model, step, context)
+                if penalty is not None:
+                    loss = loss + penalty
                 if not torch.isfinite(loss):
                     raise TrialFailed(f"the training loss became {loss.item()} at step {step}")
                 loss.backward()
