@@ -21,7 +21,7 @@ from autopeft.adapters import adapter_ranks, detach_peft_model
 from autopeft.errors import RunDirError
 from autopeft.plan import Plan
 from autopeft.rundir import RunDir, trial_record
-from autopeft.trial import Workbench
+from autopeft.trial import TrialConfig, Workbench
 
 if TYPE_CHECKING:
     import optuna
@@ -63,13 +63,14 @@ def export_adapter(workbench: Workbench, adapter_dir: Path, out_dir: Path, recor
     if bits:
         shutil.copy2(bits_file, staging / bits_file.name)
 
-    model = PeftModel.from_pretrained(workbench.base_model, str(staging))
+    base_bits = record.get("base_bits", 16)
+    model = PeftModel.from_pretrained(workbench.base_for(base_bits), str(staging))
     try:
         ranks = adapter_ranks(model)
         validation = workbench.evaluate(model, workbench.data.validation)
         test = workbench.evaluate(model, workbench.data.test)
     finally:
-        workbench.base_model = detach_peft_model(model)
+        workbench.put_back(base_bits, detach_peft_model(model))
     modules = [
         {"name": site.name, "role": site.role, "layer": site.layer, "rank": ranks.get(site.name, 0), "bits": bits.get(site.name)}
         for site in workbench.sites
@@ -87,6 +88,7 @@ def export_adapter(workbench: Workbench, adapter_dir: Path, out_dir: Path, recor
             "task": spec.model.task,
             "dtype": str(workbench.dtype).removeprefix("torch."),
             "labels": workbench.data.label_names,
+            "quantization": {"bits": base_bits, "method": "hqq"} if base_bits < 16 else None,
         },
         "modules": modules,
         "data": {"source": spec.data.source, "max_length": spec.data.max_length, "sizes": workbench.data.describe()},
@@ -121,12 +123,12 @@ def export_trial(study: optuna.Study, plan: Plan, workbench: Workbench, run_dir:
     if trial.state != optuna.trial.TrialState.COMPLETE:
         reason = trial.user_attrs.get("failure_reason", "")
         raise RunDirError(f"trial {number} is {trial.state.name}{': ' + reason if reason else ''}; only complete trials can be exported")
-    record = trial_record(study, plan.spaces, number)
+    record = trial_record(study, number)
     adapter_dir = run_dir.adapter(number)
     if not (adapter_dir / "adapter_config.json").is_file():
         adapter_dir = out_dir.with_name(out_dir.name + ".retrain")
         shutil.rmtree(adapter_dir, ignore_errors=True)
-        workbench.run_trial(record["variant"], record["params"], record["seed"], save_to=adapter_dir)
+        workbench.run_trial(TrialConfig.from_json(record["config"]), record["seed"], save_to=adapter_dir)
     try:
         return export_adapter(workbench, adapter_dir, out_dir, record)
     finally:

@@ -147,3 +147,32 @@ def load_base_model(
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model
+
+
+def quantize_base(model: PreTrainedModel, bits: int) -> PreTrainedModel:
+    """A copy of ``model`` whose transformer-block linears hold ``bits``-bit weights (HQQ, CPU and CUDA).
+
+    PEFT attaches LoRA to HQQ layers natively. The original model is left untouched.
+    """
+    import copy
+
+    import torch
+
+    try:
+        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+    except ImportError as exc:
+        raise ModelNotFoundError("search.base_bits below 16 needs HQQ: pip install 'autopeft[quantization]'") from exc
+    from autopeft.placement import adapter_sites
+
+    quantized = copy.deepcopy(model)
+    device = next(model.parameters()).device
+    for site in adapter_sites(quantized):
+        parent_name, _, child = site.name.rpartition(".")
+        linear = quantized.get_submodule(site.name)
+        group_size = next(g for g in (64, 32, 16, 8, 4, 2, 1) if site.in_features % g == 0)
+        config = BaseQuantizeConfig(nbits=bits, group_size=group_size)
+        layer = HQQLinear(linear, quant_config=config, compute_dtype=linear.weight.dtype, device=str(device), del_orig=True)
+        setattr(quantized.get_submodule(parent_name), child, layer)
+    for parameter in quantized.parameters():
+        parameter.requires_grad_(False)
+    return quantized.eval()

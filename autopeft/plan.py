@@ -99,6 +99,11 @@ def make_plan(spec: Spec) -> Plan:
     if len(set(variants)) != len(variants):
         errors.append(SpecError(file, "search.variants", variants, "each variant may be listed once"))
     spaces = _build_spaces(spec, registry, known, overrides, errors) if known else {}
+    if spec.search.allocation is not None:
+        for i, name in enumerate(variants):
+            if name in known and not registry.variant(name).supports_module_ranks:
+                capable = ", ".join(sorted(n for n, f in registry.variants.items() if f.item.supports_module_ranks))
+                errors.append(SpecError(file, f"search.variants[{i}]", name, f"cannot take per-module ranks from search.allocation; variants that can: {capable}"))
 
     if spec.metric not in METRICS[spec.model.task]:
         errors.append(SpecError(file, "search.metric", spec.metric, f"for {spec.model.task} choose one of {', '.join(METRICS[spec.model.task])}"))

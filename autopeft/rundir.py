@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from autopeft.errors import RunDirError
-from autopeft.space import Param, decode
 from autopeft.spec import Spec, load_spec
 
 if TYPE_CHECKING:
@@ -111,6 +110,7 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"number": trial.number, "state": trial.state.name, "variant": attrs.get("variant", "")}
         row.update({f"param_{k}": v for k, v in trial.params.items()})
         row.update({f"val_{k}": v for k, v in attrs.get("metrics", {}).items()})
+        row.update({k: v for k, v in attrs.get("costs", {}).items() if k not in ("trainable_params", "train_seconds")})
         row["trainable_params"] = attrs.get("trainable_params")
         row["steps"] = attrs.get("steps")
         row["seconds"] = round(trial.duration.total_seconds(), 2) if trial.duration else None
@@ -178,15 +178,18 @@ def best_number(study: optuna.Study) -> int | None:
         return None
 
 
-def trial_record(study: optuna.Study, spaces: dict[str, dict[str, Param]], number: int) -> dict[str, Any]:
-    """What ``autopeft.json`` says about the trial: number, variant, parameters, size, seed."""
+def trial_record(study: optuna.Study, number: int) -> dict[str, Any]:
+    """What ``autopeft.json`` says about the trial: number, variant, parameters, allocation, costs, seed."""
     trial = study.trials[number]
-    variant, params = decode(trial.params, spaces)
+    config = trial.user_attrs["config"]
     return {
         "trial": number,
-        "variant": variant,
-        "params": params,
+        "variant": config["variant"],
+        "params": config["params"],
+        "base_bits": config.get("base_bits", 16),
         "trainable_params": trial.user_attrs.get("trainable_params"),
+        "costs": trial.user_attrs.get("costs", {}),
         "seed": trial.user_attrs.get("seed"),
+        "config": config,
         "n_trials": finished_trials(study),
     }

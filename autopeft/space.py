@@ -192,16 +192,17 @@ def _condition_holds(param: Param, values: dict[str, Any]) -> bool:
     return all(name in values and values[name] in allowed for name, allowed in param.condition.items())
 
 
-def sample(trial: optuna.Trial, spaces: dict[str, dict[str, Param]]) -> tuple[str, dict[str, Any]]:
+def sample(trial: optuna.Trial, spaces: dict[str, dict[str, Param]], skip: set[str] = frozenset()) -> tuple[str, dict[str, Any]]:
     """Sample one configuration: the variant (when there is a choice) and then only that variant's parameters.
 
     Returns ``(variant, params)`` with bare parameter names, as the variant's ``attach`` receives them.
+    Parameters named in ``skip`` are not sampled (something else decides them).
     """
     names = list(spaces)
     variant = trial.suggest_categorical("variant", names) if len(names) > 1 else names[0]
     values: dict[str, Any] = {}
     for name, param in spaces[variant].items():
-        if _condition_holds(param, values):
+        if name not in skip and _condition_holds(param, values):
             values[name] = param.suggest(trial, qualified_name(variant, name))
     return variant, values
 

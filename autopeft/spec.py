@@ -65,6 +65,27 @@ class DataSpec(_Section):
     splits: SplitSpec = Field(default_factory=SplitSpec)
 
 
+class AllocationSpec(_Section):
+    """Per-module ranks and placement searched by the outer loop (Bayesian-LoRA / DiffoRA style structure).
+
+    ``granularity`` decides what gets its own rank: ``role`` (one rank per module type), ``role-band`` (per module
+    type and band of consecutive layers) or ``module`` (every module). A rank of 0 puts no adapter there.
+    """
+
+    granularity: Literal["role", "role-band", "module"] = "role-band"
+    bands: int = Field(2, ge=1, description="number of layer bands for role-band")
+    roles: Optional[list[Literal["q", "k", "v", "o", "up", "down", "gate"]]] = Field(None, description="candidate module roles (default: every role the model has)")
+    ranks: list[int] = Field(default_factory=lambda: [0, 4, 8, 16], min_length=1, description="rank choices per group; 0 = no adapter")
+    bits: Optional[list[Literal[2, 3, 4, 8, 16]]] = Field(None, description="adapter weight bits per group (16 = not quantized)")
+
+    @field_validator("ranks")
+    @classmethod
+    def _ranks(cls, value: list[int]) -> list[int]:
+        if any(r < 0 for r in value) or not any(r > 0 for r in value):
+            raise ValueError("ranks are >= 0 and at least one must be above 0")
+        return value
+
+
 class SearchSpec(_Section):
     variants: list[str] = Field(default_factory=lambda: ["lora"], min_length=1)
     preset: Optional[str] = Field(None, description="a search-space preset from search_spaces/ or a YAML file")
@@ -76,6 +97,8 @@ class SearchSpec(_Section):
     timeout: Optional[Union[float, str]] = Field(None, description="stop starting trials after this long: seconds, or '90s', '30m', '2h'")
     baseline: bool = Field(True, description="run each variant's default configuration first")
     backend: Literal["optuna"] = "optuna"
+    allocation: Optional[AllocationSpec] = Field(None, description="search a rank per module type/band/module instead of one rank")
+    base_bits: list[Literal[4, 8, 16]] = Field(default_factory=lambda: [16], min_length=1, description="base-model weight bits to search (16 = not quantized)")
 
     @field_validator("timeout")
     @classmethod

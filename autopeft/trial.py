@@ -14,13 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from autopeft.adapters import trainable_parameters
+from autopeft.adapters import verify_ranks
+from autopeft.costs import measure, peak_memory_mb
 from autopeft.data import PreparedData, batches, load_raw, prepare
 from autopeft.errors import TrialFailed
 from autopeft.hookspecs import AttachContext
-from autopeft.models import ResolvedModel, load_base_model, load_tokenizer, pick_device, pick_dtype, resolve_model
+from autopeft.models import ResolvedModel, load_base_model, load_tokenizer, pick_device, pick_dtype, quantize_base, resolve_model
 from autopeft.placement import AdapterSite, adapter_sites, select_sites
 from autopeft.plan import Plan
+from autopeft.quantize import apply_adapter_bits, bake_adapter_bits, write_adapter_bits
 
 if TYPE_CHECKING:
     import torch
@@ -36,12 +38,34 @@ class Evaluation:
 
 
 @dataclass
+class TrialConfig:
+    """Everything sampled for one trial: what the runner needs to train it (again)."""
+
+    variant: str
+    params: dict[str, Any]
+    """The variant's parameters, bare names (``learning_rate``, ``r``, ...)."""
+    ranks: dict[str, int] | None = None
+    """A rank per module from the outer allocation search, or None."""
+    bits: dict[str, int] = field(default_factory=dict)
+    """Adapter weight bits per module (absent: full precision)."""
+    base_bits: int = 16
+    """Bits of the frozen base model's block weights (16: not quantized)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"variant": self.variant, "params": self.params, "ranks": self.ranks, "bits": self.bits, "base_bits": self.base_bits}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrialConfig:
+        return cls(data["variant"], data["params"], data.get("ranks"), data.get("bits") or {}, data.get("base_bits", 16))
+
+
+@dataclass
 class TrialOutcome:
     metrics: dict[str, float]
     """Validation metrics after the last step."""
+    costs: dict[str, float]
+    """Cost measures (see :mod:`autopeft.costs`), ``train_seconds`` included."""
     steps: int
-    seconds: float
-    trainable_params: int
     history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
 
 
@@ -82,6 +106,22 @@ class Workbench:
         torch.manual_seed(spec.search.seed)
         self.base_model = load_base_model(self.resolved, spec, self.data.label_names, self.tokenizer.pad_token_id, self.device, self.dtype)
         self.sites: list[AdapterSite] = adapter_sites(self.base_model)
+        self._quantized_bases: dict[int, torch.nn.Module] = {}
+
+    def base_for(self, bits: int) -> torch.nn.Module:
+        """The base model at ``bits`` (16: the loaded model; fewer: a quantized copy, made once and kept)."""
+        if bits >= 16:
+            return self.base_model
+        if bits not in self._quantized_bases:
+            self._quantized_bases[bits] = quantize_base(self.base_model, bits)
+        return self._quantized_bases[bits]
+
+    def put_back(self, bits: int, model: torch.nn.Module) -> None:
+        """Keep ``model`` (a detached base) as the base at ``bits`` for the next trial."""
+        if bits >= 16:
+            self.base_model = model
+        else:
+            self._quantized_bases[bits] = model
 
     # ----------------------------------------------------------------------------------------------------------
 
@@ -91,13 +131,19 @@ class Workbench:
         for batch in batches(examples, batch_size, self.tokenizer.pad_token_id, seed):
             yield {k: v.to(self.device) for k, v in batch.items()} if self.device != torch.device("cpu") else batch
 
-    def context(self, params: dict[str, Any], seed: int) -> AttachContext:
-        """The attach context of a trial: targets resolved from ``target_modules``, steps and a data sampler."""
+    def context(self, config: TrialConfig, seed: int) -> AttachContext:
+        """The attach context of a trial: targets (from the allocation or ``target_modules``), steps, data."""
         spec = self.plan.spec
-        try:
-            targets = [s.name for s in select_sites(self.sites, params.get("target_modules", "q,v"))]
-        except ValueError as exc:
-            raise TrialFailed(f"target_modules={params.get('target_modules')!r}: {exc}") from None
+        params = config.params
+        if config.ranks is not None:
+            targets = [name for name, rank in config.ranks.items() if rank > 0]
+            if not targets:
+                raise TrialFailed("the allocation gave every module rank 0: no adapter to train")
+        else:
+            try:
+                targets = [s.name for s in select_sites(self.sites, params.get("target_modules", "q,v"))]
+            except ValueError as exc:
+                raise TrialFailed(f"target_modules={params.get('target_modules')!r}: {exc}") from None
 
         def calibration_batches(n: int):
             iterator = self._batches(self.data.train, spec.training.batch_size, seed)
@@ -110,17 +156,17 @@ class Workbench:
             total_steps=spec.training.max_steps,
             seed=seed,
             calibration_batches=calibration_batches,
+            ranks=config.ranks,
         )
 
     def run_trial(
         self,
-        variant_name: str,
-        params: dict[str, Any],
+        config: TrialConfig,
         seed: int,
         listener: StepListener | None = None,
         save_to: Path | None = None,
     ) -> TrialOutcome:
-        """Train one configuration and return its validation metrics; save the adapter to ``save_to`` if given.
+        """Train one configuration and return its validation metrics and costs; save the adapter to ``save_to``.
 
         Raises :class:`TrialFailed` for a NaN loss or a configuration the model cannot take. The base model is
         restored afterwards whatever happens.
@@ -131,15 +177,26 @@ class Workbench:
         spec = self.plan.spec
         training = spec.training
         listener = listener or StepListener()
-        variant = self.plan.registry.variant(variant_name)
-        context = self.context(params, seed)
+        variant = self.plan.registry.variant(config.variant)
+        params = config.params
+        context = self.context(config, seed)
+        base = self.base_for(config.base_bits)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         torch.manual_seed(seed)
         started = time.perf_counter()
-        model = variant.attach(self.base_model, params, context)
+        model = variant.attach(base, params, context)
         try:
+            if config.ranks is not None:
+                try:
+                    verify_ranks(model, config.ranks)
+                except ValueError as exc:
+                    raise TrialFailed(f"variant {config.variant!r} did not apply the per-module ranks: {exc}") from None
+            if config.bits:
+                apply_adapter_bits(model, {f"base_model.model.{name}": b for name, b in config.bits.items()})
             trainable = [p for p in model.parameters() if p.requires_grad]
             if not trainable:
-                raise TrialFailed(f"variant {variant_name!r} left no parameter to train")
+                raise TrialFailed(f"variant {config.variant!r} left no parameter to train")
             optimizer = torch.optim.AdamW(trainable, lr=params["learning_rate"], weight_decay=training.weight_decay)
             schedule = get_linear_schedule_with_warmup(optimizer, int(training.warmup_ratio * training.max_steps), training.max_steps)
             eval_every = training.eval_every or training.max_steps
@@ -167,12 +224,18 @@ class Workbench:
                     listener.on_evaluate(step, metrics)
                     model.train()
             model.eval()
+            seconds = time.perf_counter() - started
+            baked_bits = bake_adapter_bits(model)
+            costs = measure(model, self.sites, baked_bits, config.base_bits, self.dtype)
+            costs.update(peak_memory_mb=peak_memory_mb(self.device), train_seconds=seconds)
             if save_to is not None:
                 variant.export(model, save_to)
-            return TrialOutcome(history[-1][1], training.max_steps, time.perf_counter() - started, trainable_parameters(model), history)
+                write_adapter_bits(baked_bits, save_to)
+            return TrialOutcome(history[-1][1], costs, training.max_steps, history)
         finally:
-            self.base_model = variant.detach(model)
-            self.base_model.eval()
+            restored = variant.detach(model)
+            restored.eval()
+            self.put_back(config.base_bits, restored)
 
     def evaluate(self, model: torch.nn.Module, examples: list[dict]) -> Evaluation:
         """Metrics of ``model`` on ``examples``: accuracy and macro-F1 (classification) or loss and perplexity."""

@@ -14,6 +14,7 @@ class LoRA(Variant):
     name = "lora"
     summary = "low-rank update B·A added to frozen linear layers"
     paper = "Hu et al., LoRA: Low-Rank Adaptation of Large Language Models, arXiv:2106.09685"
+    supports_module_ranks = True
 
     def search_space(self):
         return {
@@ -27,13 +28,13 @@ class LoRA(Variant):
     def attach(self, model, params: dict[str, Any], context: AttachContext):
         from peft import LoraConfig, get_peft_model
 
-        config = LoraConfig(
-            task_type=context.peft_task_type,
-            target_modules=context.target_modules,
-            r=params["r"],
-            lora_alpha=params["alpha_ratio"] * params["r"],
-            lora_dropout=params["dropout"],
-        )
+        from autopeft.adapters import lora_rank_kwargs
+
+        if context.ranks is not None:
+            shape = lora_rank_kwargs(context.ranks, params["alpha_ratio"])
+        else:
+            shape = {"target_modules": context.target_modules, "r": params["r"], "lora_alpha": params["alpha_ratio"] * params["r"]}
+        config = LoraConfig(task_type=context.peft_task_type, lora_dropout=params["dropout"], **shape)
         return get_peft_model(model, config)
 
 

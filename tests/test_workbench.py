@@ -6,7 +6,7 @@ import torch
 
 from autopeft.plan import make_plan
 from autopeft.spec import load_spec
-from autopeft.trial import Workbench
+from autopeft.trial import TrialConfig, Workbench
 from conftest import write_spec
 
 
@@ -17,8 +17,8 @@ def test_the_base_model_is_reused_and_bitwise_unchanged_after_several_trials(cla
     module_types = {name: type(module) for name, module in base.named_modules()}
 
     for seed, targets in enumerate(["q,v", "q,k,v,o,up,down", "all"]):
-        outcome = workbench.run_trial("lora", {"learning_rate": 5e-2, "target_modules": targets, "r": 4, "alpha_ratio": 2.0, "dropout": 0.0}, seed)
-        assert outcome.trainable_params > 0
+        outcome = workbench.run_trial(TrialConfig("lora", {"learning_rate": 5e-2, "target_modules": targets, "r": 4, "alpha_ratio": 2.0, "dropout": 0.0}), seed)
+        assert outcome.costs["trainable_params"] > 0
 
     assert workbench.base_model is base  # reused, not reloaded
     after = base.state_dict()
@@ -32,8 +32,8 @@ def test_the_base_model_is_reused_and_bitwise_unchanged_after_several_trials(cla
 def test_the_same_seed_gives_the_same_trial(classification_spec):
     workbench = Workbench(make_plan(load_spec(classification_spec)))
     params = {"learning_rate": 1e-2, "target_modules": "q,v", "r": 4, "alpha_ratio": 2.0, "dropout": 0.1}
-    first = workbench.run_trial("lora", params, seed=3)
-    second = workbench.run_trial("lora", params, seed=3)
+    first = workbench.run_trial(TrialConfig("lora", params), seed=3)
+    second = workbench.run_trial(TrialConfig("lora", params), seed=3)
     assert first.metrics == second.metrics
 
 
@@ -41,6 +41,6 @@ def test_training_learns_the_task(tmp_path, tiny_bert, sentiment_csv):
     spec = write_spec(tmp_path, model={"id": str(tiny_bert)}, data={"source": str(sentiment_csv)}, training={"max_steps": 80, "batch_size": 16})
     workbench = Workbench(make_plan(load_spec(spec)))
     before = workbench.evaluate(workbench.base_model, workbench.data.validation).metrics
-    outcome = workbench.run_trial("lora", {"learning_rate": 1e-2, "target_modules": "all", "r": 8, "alpha_ratio": 2.0, "dropout": 0.0}, seed=0)
+    outcome = workbench.run_trial(TrialConfig("lora", {"learning_rate": 1e-2, "target_modules": "all", "r": 8, "alpha_ratio": 2.0, "dropout": 0.0}), seed=0)
     assert outcome.metrics["eval_loss"] < before["eval_loss"]
     assert outcome.metrics["accuracy"] >= 0.7 > before["accuracy"]

@@ -19,13 +19,15 @@ from autopeft.errors import TrialFailed
 from autopeft.plan import Plan
 from autopeft.progress import SearchProgress, best_trials_table, describe_params
 from autopeft.rundir import RunDir, best_number, finished_trials, interrupted, open_study, trial_rows, write_trials_csv
+from autopeft.allocation import check_allocation, sample_allocation
+from autopeft.errors import SpecErrors
 from autopeft.space import defaults, sample
 from autopeft.spec import SearchSpec
 
 if TYPE_CHECKING:
     import optuna
 
-    from autopeft.trial import Workbench
+    from autopeft.trial import TrialConfig, Workbench
 
 
 @dataclass
@@ -71,6 +73,19 @@ def _queue_work(study: optuna.Study, plan: Plan) -> None:
             study.enqueue_trial(params, user_attrs={"baseline": True})
 
 
+def sample_config(trial: optuna.Trial, plan: Plan, sites: list) -> TrialConfig:
+    """Sample a whole trial configuration: variant and its parameters, then allocation and base bits."""
+    from autopeft.trial import TrialConfig
+
+    search = plan.spec.search
+    # With an outer allocation, each module's rank and placement come from it, not from the variant.
+    skip = {"r", "target_modules"} if search.allocation is not None else set()
+    variant, params = sample(trial, plan.spaces, skip=skip)
+    ranks, bits = sample_allocation(trial, search.allocation, sites) if search.allocation is not None else (None, {})
+    base_bits = trial.suggest_categorical("base_bits", search.base_bits) if len(search.base_bits) > 1 else search.base_bits[0]
+    return TrialConfig(variant, params, ranks, bits, base_bits)
+
+
 def _outcome_text(metric: str, metrics: dict[str, float], seconds: float) -> str:
     return f"finished in {seconds:.0f}s: validation {metric} {metrics[metric]:.4f}"
 
@@ -102,6 +117,10 @@ def run_search(plan: Plan, console: Console, n_trials: int | None = None, timeou
                     break
                 if workbench is None:
                     workbench = Workbench(plan, progress.message)
+                    if spec.search.allocation is not None:
+                        errors = check_allocation(spec.search.allocation, workbench.sites, str(spec.path))
+                        if errors:
+                            raise SpecErrors(errors)
                 _run_one(study, plan, workbench, run_dir, progress)
         except KeyboardInterrupt:
             stopped_by_user = True
@@ -133,30 +152,32 @@ def _run_one(study: optuna.Study, plan: Plan, workbench: Workbench, run_dir: Run
 
     spec = plan.spec
     trial = study.ask()
-    variant, params = sample(trial, plan.spaces)
+    config = sample_config(trial, plan, workbench.sites)
     seed = spec.search.seed + trial.number
-    trial.set_user_attr("variant", variant)
+    trial.set_user_attr("variant", config.variant)
     trial.set_user_attr("seed", seed)
-    progress.start_trial(trial.number, variant, params)
+    trial.set_user_attr("config", config.to_json())
+    progress.start_trial(trial.number, config.variant, trial.params)
     save_to = run_dir.adapter(trial.number)
     try:
-        outcome = workbench.run_trial(variant, params, seed, listener=progress, save_to=save_to)
+        outcome = workbench.run_trial(config, seed, listener=progress, save_to=save_to)
     except KeyboardInterrupt:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         raise
     except Exception as exc:
         reason = exc.reason if isinstance(exc, TrialFailed) else f"{type(exc).__name__}: {exc}"
         run_dir.log(trial.number).parent.mkdir(parents=True, exist_ok=True)
-        run_dir.log(trial.number).write_text(f"{variant} {describe_params(params)}\n\n{traceback.format_exc()}")
+        run_dir.log(trial.number).write_text(f"{config.variant} {describe_params(trial.params)}\n\n{traceback.format_exc()}")
         trial.set_user_attr("failure_reason", reason)
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         progress.end_trial(trial.number, f"[red]failed[/]: {reason}", _best_text(study, spec.metric))
     else:
         trial.set_user_attr("metrics", outcome.metrics)
-        trial.set_user_attr("trainable_params", outcome.trainable_params)
+        trial.set_user_attr("costs", outcome.costs)
+        trial.set_user_attr("trainable_params", outcome.costs["trainable_params"])
         trial.set_user_attr("steps", outcome.steps)
         study.tell(trial, outcome.metrics[spec.metric])
-        progress.end_trial(trial.number, _outcome_text(spec.metric, outcome.metrics, outcome.seconds), _best_text(study, spec.metric))
+        progress.end_trial(trial.number, _outcome_text(spec.metric, outcome.metrics, outcome.costs["train_seconds"]), _best_text(study, spec.metric))
     run_dir.keep_adapters({n for n in [best_number(study)] if n is not None})
     write_trials_csv(study, run_dir.trials_csv)
 

@@ -1,0 +1,64 @@
+"""Cost measures of a trial, recorded for every trial and usable as objectives.
+
+- ``trainable_params``: parameters that receive gradients (adapter and task head).
+- ``adapter_bytes``: size of what the exported adapter stores, each tensor at its bits (quantized adapter weights
+  at their bit width, the rest at their dtype's width).
+- ``bops_per_token``: bit operations of one token's forward pass through the adapted linear layers: for each
+  transformer-block linear, MACs × weight bits × activation bits, plus the adapter's own MACs × adapter bits ×
+  activation bits. Base weights count at the base model's bits (4 or 8 when the base is quantized).
+- ``peak_memory_mb``: peak GPU memory allocated (CUDA) or the process's peak resident memory (CPU).
+"""
+
+from __future__ import annotations
+
+import resource
+from typing import TYPE_CHECKING
+
+from autopeft.adapters import adapter_ranks, trainable_parameters
+from autopeft.placement import AdapterSite
+
+if TYPE_CHECKING:
+    import torch
+
+COST_NAMES = ("trainable_params", "adapter_bytes", "bops_per_token", "peak_memory_mb", "train_seconds")
+
+
+def adapter_bytes(model: torch.nn.Module, bits: dict[str, int]) -> int:
+    """Bytes of the adapter's exported tensors, quantized modules counted at their bits."""
+    from peft import get_peft_model_state_dict
+
+    total_bits = 0
+    for key, tensor in get_peft_model_state_dict(model).items():
+        module = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+        total_bits += tensor.numel() * bits.get(module, tensor.element_size() * 8)
+    return total_bits // 8
+
+
+def bops_per_token(model: torch.nn.Module, sites: list[AdapterSite], bits: dict[str, int], base_bits: int, activation_bits: int) -> int:
+    """Bit operations of the block linears and their adapters for one token."""
+    by_name = {s.name: s for s in sites}
+    base = sum(s.in_features * s.out_features for s in sites) * base_bits * activation_bits
+    adapters = 0
+    for name, rank in adapter_ranks(model).items():
+        site = by_name.get(name)
+        if site is not None:
+            adapters += rank * (site.in_features + site.out_features) * bits.get(name, activation_bits) * activation_bits
+    return base + adapters
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(model: torch.nn.Module, sites: list[AdapterSite], bits: dict[str, int], base_bits: int, dtype: torch.dtype) -> dict[str, float]:
+    """Every static cost of the attached adapter (peak memory and seconds are added by the trial runner)."""
+    activation_bits = dtype.itemsize * 8
+    return {
+        "trainable_params": trainable_parameters(model),
+        "adapter_bytes": adapter_bytes(model, bits),
+        "bops_per_token": bops_per_token(model, sites, bits, base_bits if base_bits < 16 else activation_bits, activation_bits),
+    }
