@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from autopeft.costs import COST_NAMES
 from autopeft.data import check_columns, check_source
 from autopeft.errors import SpecError, SpecErrors
 from autopeft.models import looks_like_local_path
@@ -69,6 +70,34 @@ def _build_spaces(spec: Spec, registry: Registry, variants: list[str], overrides
     return spaces
 
 
+def _check_objectives(spec: Spec) -> list[SpecError]:
+    """Objective, constraint, sampler and pruner choices that do not fit together."""
+    file = str(spec.path)
+    search = spec.search
+    metrics = list(METRICS[spec.model.task])
+    names = metrics + list(COST_NAMES)
+    key = "search.objectives[0]" if search.objectives else "search.metric"
+    if spec.metric not in metrics:
+        return [SpecError(file, key, spec.metric, f"the first objective is the task metric; for {spec.model.task} one of {', '.join(metrics)}")]
+    errors = []
+    for i, (name, _) in enumerate(spec.objectives()):
+        if name not in names:
+            errors.append(SpecError(file, f"search.objectives[{i}]", name, f"not a metric or cost; allowed: {', '.join(names)}"))
+    for i, (name, _, _) in enumerate(spec.constraints()):
+        if name not in names:
+            errors.append(SpecError(file, f"search.constraints[{i}]", search.constraints[i], f"{name!r} is not a metric or cost; allowed: {', '.join(names)}"))
+    several = len(spec.objectives()) > 1
+    if search.constraints and search.sampler not in ("tpe", "nsgaii"):
+        errors.append(SpecError(file, "search.sampler", search.sampler, "only tpe and nsgaii take constraints into account; choose one of them"))
+    if several and search.sampler == "cmaes":
+        errors.append(SpecError(file, "search.sampler", "cmaes", "CMA-ES optimises a single objective; with several use tpe, nsgaii, random or qmc"))
+    if several and search.pruner.type in ("median", "successive-halving", "hyperband"):
+        errors.append(SpecError(file, "search.pruner.type", search.pruner.type, "Optuna's pruners judge one objective; with several objectives use 'pareto' or 'none'"))
+    if not several and search.pruner.type == "pareto":
+        errors.append(SpecError(file, "search.pruner.type", "pareto", "the pareto pruner needs several objectives; with one use median, successive-halving or hyperband"))
+    return errors
+
+
 def make_plan(spec: Spec) -> Plan:
     """Check the spec against plugins, presets and data headers. Raises :class:`SpecErrors` with every problem."""
     file = str(spec.path)
@@ -105,8 +134,7 @@ def make_plan(spec: Spec) -> Plan:
                 capable = ", ".join(sorted(n for n, f in registry.variants.items() if f.item.supports_module_ranks))
                 errors.append(SpecError(file, f"search.variants[{i}]", name, f"cannot take per-module ranks from search.allocation; variants that can: {capable}"))
 
-    if spec.metric not in METRICS[spec.model.task]:
-        errors.append(SpecError(file, "search.metric", spec.metric, f"for {spec.model.task} choose one of {', '.join(METRICS[spec.model.task])}"))
+    errors += _check_objectives(spec)
     if looks_like_local_path(spec.model.id) and not spec.resolve_path(spec.model.id).is_dir():
         errors.append(SpecError(file, "model.id", spec.model.id, "looks like a local folder but does not exist; give an existing folder or a hub id"))
 

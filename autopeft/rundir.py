@@ -114,7 +114,7 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
         row["trainable_params"] = attrs.get("trainable_params")
         row["steps"] = attrs.get("steps")
         row["seconds"] = round(trial.duration.total_seconds(), 2) if trial.duration else None
-        row["failure_reason"] = attrs.get("failure_reason", "")
+        row["failure_reason"] = attrs.get("failure_reason", "") or attrs.get("pruned_reason", "")
         rows.append(row)
     return rows
 
@@ -172,9 +172,10 @@ def finished_trials(study: optuna.Study) -> int:
 
 
 def best_number(study: optuna.Study) -> int | None:
+    """The best complete trial of a single-objective study (None if there is none, or several objectives)."""
     try:
         return study.best_trial.number
-    except ValueError:
+    except (ValueError, RuntimeError):
         return None
 
 

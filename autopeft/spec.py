@@ -86,11 +86,38 @@ class AllocationSpec(_Section):
         return value
 
 
+class ObjectiveSpec(_Section):
+    name: str
+    direction: Optional[Literal["maximize", "minimize"]] = Field(None, description="default: the metric's natural direction; costs minimize")
+
+
+class SelectSpec(_Section):
+    """How ``best/`` is chosen among the feasible trials (the Pareto front when there are several objectives)."""
+
+    rule: Literal["best-metric", "smallest-within"] = "best-metric"
+    tolerance: float = Field(0.01, ge=0, description="smallest-within: how far below the best metric a trial may be")
+
+
+class PrunerSpec(_Section):
+    """Early stopping of weak trials at each evaluation (``training.eval_every`` sets the rungs)."""
+
+    type: Literal["none", "median", "successive-halving", "hyperband", "pareto"] = "none"
+    startup_trials: int = Field(3, ge=0, description="trials that finish before any is pruned")
+    warmup_steps: int = Field(0, ge=0, description="no trial is pruned before this step")
+
+
+_CONSTRAINT = re.compile(r"^\s*([a-z_]+)\s*(<=|>=)\s*([-+0-9.eE_]+)\s*$")
+
+
 class SearchSpec(_Section):
     variants: list[str] = Field(default_factory=lambda: ["lora"], min_length=1)
     preset: Optional[str] = Field(None, description="a search-space preset from search_spaces/ or a YAML file")
     space: dict[str, Any] = Field(default_factory=dict, description="overrides: {param: value | [choices] | {low, high, ...}}")
     metric: Optional[str] = Field(None, description="what the search optimises; default accuracy or eval_loss by task")
+    objectives: Optional[list[Union[str, ObjectiveSpec]]] = Field(None, min_length=1, description="several objectives give a Pareto front; the first is the metric")
+    constraints: list[str] = Field(default_factory=list, description="e.g. 'trainable_params <= 200000'")
+    select: SelectSpec = Field(default_factory=SelectSpec)
+    pruner: PrunerSpec = Field(default_factory=PrunerSpec)
     sampler: Literal["tpe", "random", "cmaes", "qmc", "nsgaii"] = "tpe"
     seed: int = 0
     n_trials: int = Field(20, ge=1)
@@ -99,6 +126,21 @@ class SearchSpec(_Section):
     backend: Literal["optuna"] = "optuna"
     allocation: Optional[AllocationSpec] = Field(None, description="search a rank per module type/band/module instead of one rank")
     base_bits: list[Literal[4, 8, 16]] = Field(default_factory=lambda: [16], min_length=1, description="base-model weight bits to search (16 = not quantized)")
+
+    @field_validator("constraints")
+    @classmethod
+    def _constraints(cls, value: list[str]) -> list[str]:
+        for text in value:
+            match = _CONSTRAINT.match(text)
+            if not match:
+                raise ValueError(f"{text!r} is not a constraint; write 'name <= number' or 'name >= number'")
+            float(match.group(3).replace("_", ""))
+        return value
+
+    @field_validator("pruner", mode="before")
+    @classmethod
+    def _pruner_shorthand(cls, value: Any) -> Any:
+        return {"type": value} if isinstance(value, str) else value
 
     @field_validator("timeout")
     @classmethod
@@ -162,11 +204,32 @@ class Spec(_Section):
 
     @property
     def metric(self) -> str:
+        """The task metric the search optimises (the first objective)."""
+        if self.search.objectives:
+            first = self.search.objectives[0]
+            return first if isinstance(first, str) else first.name
         return self.search.metric or ("accuracy" if self.model.task == "sequence-classification" else "eval_loss")
 
     @property
     def direction(self) -> str:
-        return METRICS[self.model.task][self.metric]
+        return METRICS[self.model.task].get(self.metric, "minimize")
+
+    def objectives(self) -> list[tuple[str, str]]:
+        """``[(name, direction)]``: the metric first, then any cost objectives."""
+        entries = self.search.objectives or [self.metric]
+        out = []
+        for entry in entries:
+            name, direction = (entry, None) if isinstance(entry, str) else (entry.name, entry.direction)
+            out.append((name, direction or METRICS[self.model.task].get(name, "minimize")))
+        return out
+
+    def constraints(self) -> list[tuple[str, str, float]]:
+        """``[(name, "<=" or ">=", bound)]`` parsed from ``search.constraints``."""
+        out = []
+        for text in self.search.constraints:
+            name, op, bound = _CONSTRAINT.match(text).groups()
+            out.append((name, op, float(bound.replace("_", ""))))
+        return out
 
     def plugin_paths(self) -> tuple[str, ...]:
         return tuple(str((self.base_dir / p).resolve()) for p in self.plugins)

@@ -72,6 +72,9 @@ class TrialOutcome:
 class StepListener:
     """Receives progress from a running trial. ``on_evaluate`` may raise ``optuna.TrialPruned`` to stop it."""
 
+    def on_attach(self, costs: dict[str, float]) -> None:
+        """Called once the adapter is attached, with the costs known before training (size, bit operations)."""
+
     def on_step(self, step: int, total: int, loss: float) -> None:
         """Called after every optimizer step."""
 
@@ -197,6 +200,7 @@ class Workbench:
             trainable = [p for p in model.parameters() if p.requires_grad]
             if not trainable:
                 raise TrialFailed(f"variant {config.variant!r} left no parameter to train")
+            listener.on_attach(measure(model, self.sites, config.bits, config.base_bits, self.dtype))
             optimizer = torch.optim.AdamW(trainable, lr=params["learning_rate"], weight_decay=training.weight_decay)
             schedule = get_linear_schedule_with_warmup(optimizer, int(training.warmup_ratio * training.max_steps), training.max_steps)
             eval_every = training.eval_every or training.max_steps

@@ -7,22 +7,25 @@ killed process) is not counted; its configuration is queued to run again first.
 
 from __future__ import annotations
 
+import shutil
 import time
-import warnings
 import traceback
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from autopeft.errors import TrialFailed
+from autopeft.allocation import check_allocation, sample_allocation
+from autopeft.errors import SpecErrors, TrialFailed
+from autopeft.objectives import constraint_values, constraints_func, describe_values, feasible, objective_values, pareto_front, select_best, violations
 from autopeft.plan import Plan
 from autopeft.progress import SearchProgress, best_trials_table, describe_params
-from autopeft.rundir import RunDir, best_number, finished_trials, interrupted, open_study, trial_rows, write_trials_csv
-from autopeft.allocation import check_allocation, sample_allocation
-from autopeft.errors import SpecErrors
+from autopeft.pruning import optuna_pruner, pareto_should_prune, rung_point
+from autopeft.rundir import RunDir, finished_trials, interrupted, open_study, trial_rows, write_trials_csv
 from autopeft.space import defaults, sample
-from autopeft.spec import SearchSpec
+from autopeft.spec import Spec
+from autopeft.trial import StepListener
 
 if TYPE_CHECKING:
     import optuna
@@ -35,22 +38,43 @@ class SearchResult:
     run_dir: RunDir
     finished: int
     best_trial: int | None
+    front: list[int] = field(default_factory=list)
     interrupted: bool = False
 
 
-def make_sampler(search: SearchSpec) -> optuna.samplers.BaseSampler:
-    """Optuna's sampler for ``search.sampler``, seeded."""
+def make_sampler(spec: Spec) -> optuna.samplers.BaseSampler:
+    """Optuna's sampler for ``search.sampler``, seeded, with the spec's constraints where the sampler takes them."""
     import optuna
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    search = spec.search
+    constraints = constraints_func if search.constraints else None
     samplers = {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=search.seed, multivariate=True, group=True),
+        "tpe": lambda: optuna.samplers.TPESampler(seed=search.seed, multivariate=True, group=True, constraints_func=constraints),
         "random": lambda: optuna.samplers.RandomSampler(seed=search.seed),
         "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=search.seed, warn_independent_sampling=False),
         "qmc": lambda: optuna.samplers.QMCSampler(seed=search.seed, warn_independent_sampling=False),
-        "nsgaii": lambda: optuna.samplers.NSGAIISampler(seed=search.seed),
+        "nsgaii": lambda: optuna.samplers.NSGAIISampler(seed=search.seed, constraints_func=constraints),
     }
     return samplers[search.sampler]()
+
+
+def create_study(run_dir: RunDir, spec: Spec) -> optuna.Study:
+    """Create or load the run's study with the spec's objectives, sampler and pruner."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    objectives = spec.objectives()
+    study = optuna.create_study(
+        study_name="autopeft",
+        storage=run_dir.storage_url,
+        sampler=make_sampler(spec),
+        pruner=optuna_pruner(spec.search.pruner) if len(objectives) == 1 else None,
+        directions=[direction for _, direction in objectives],
+        load_if_exists=True,
+    )
+    study.set_user_attr("objectives", [{"name": name, "direction": direction} for name, direction in objectives])
+    return study
 
 
 def _queue_work(study: optuna.Study, plan: Plan) -> None:
@@ -86,13 +110,51 @@ def sample_config(trial: optuna.Trial, plan: Plan, sites: list) -> TrialConfig:
     return TrialConfig(variant, params, ranks, bits, base_bits)
 
 
-def _outcome_text(metric: str, metrics: dict[str, float], seconds: float) -> str:
-    return f"finished in {seconds:.0f}s: validation {metric} {metrics[metric]:.4f}"
+class TrialMonitor(StepListener):
+    """Follows one running trial: progress on screen, intermediate results in the study, early stopping."""
+
+    def __init__(self, study: optuna.Study, trial: optuna.Trial, spec: Spec, progress: SearchProgress) -> None:
+        self.study, self.trial, self.spec, self.progress = study, trial, spec, progress
+        self.metrics: dict[str, float] = {}
+        self.costs: dict[str, float] = {}
+        self.step = 0
+        self.started = time.perf_counter()
+        self.rungs: dict[str, list[float]] = {}
+
+    def on_attach(self, costs: dict[str, float]) -> None:
+        import optuna
+
+        # Size costs are known before any training: a configuration that breaks a constraint stops here.
+        self.costs = dict(costs)
+        broken = violations(self.spec, costs)
+        if broken:
+            raise optuna.TrialPruned("violates " + "; ".join(broken))
+
+    def on_step(self, step: int, total: int, loss: float) -> None:
+        self.step = step
+        self.progress.on_step(step, total, loss)
+
+    def on_evaluate(self, step: int, metrics: dict[str, float]) -> None:
+        import optuna
+
+        self.metrics = metrics
+        self.progress.on_evaluate(step, metrics)
+        elapsed = time.perf_counter() - self.started
+        self.costs["train_seconds"] = elapsed * self.spec.training.max_steps / step  # extrapolated to the full run
+        if len(self.spec.objectives()) == 1:
+            self.trial.report(metrics[self.spec.metric], step)
+            if self.trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {step}")
+            return
+        point = rung_point(self.spec, metrics, self.costs)
+        self.rungs[str(step)] = point
+        self.trial.set_user_attr("rungs", self.rungs)
+        if self.spec.search.pruner.type == "pareto" and step < self.spec.training.max_steps and pareto_should_prune(self.study, self.spec, self.trial.number, step, point):
+            raise optuna.TrialPruned(f"dominated at step {step}")
 
 
 def run_search(plan: Plan, console: Console, n_trials: int | None = None, timeout: float | None = None) -> SearchResult:
-    """Run (or resume) the search of ``plan`` in its run folder, then export the best adapter to ``best/``."""
-    from autopeft.export import export_trial
+    """Run (or resume) the search of ``plan`` in its run folder, then export ``best/`` (and ``pareto/``)."""
     from autopeft.trial import Workbench
 
     spec = plan.spec
@@ -100,7 +162,7 @@ def run_search(plan: Plan, console: Console, n_trials: int | None = None, timeou
     timeout = timeout or spec.search.timeout
     run_dir = RunDir(spec.run_dir)
     run_dir.start(spec)
-    study = open_study(run_dir, spec.direction, make_sampler(spec.search))
+    study = create_study(run_dir, spec)
     _queue_work(study, plan)
     started = time.monotonic()
     workbench: Workbench | None = None
@@ -127,24 +189,21 @@ def run_search(plan: Plan, console: Console, n_trials: int | None = None, timeou
         finally:
             write_trials_csv(study, run_dir.trials_csv)
 
-    best = best_number(study)
+    best = select_best(study, spec)
+    front = pareto_front(study, spec) if len(spec.objectives()) > 1 else []
     if stopped_by_user:
         console.print(
             f"[yellow]Interrupted.[/] {finished_trials(study)} finished trials are kept in {run_dir.study_db}; "
             "run the same command again to resume."
         )
-        return SearchResult(run_dir, finished_trials(study), best, interrupted=True)
-
-    rows = trial_rows(study)
+        return SearchResult(run_dir, finished_trials(study), best, front, interrupted=True)
     if best is None:
-        console.print("[red]No trial finished successfully.[/] Reasons are in trials.csv and logs/.")
-        return SearchResult(run_dir, finished_trials(study), None)
-    if not _best_is_exported(run_dir, best):
-        workbench = workbench or Workbench(plan, console.log)
-        export_trial(study, plan, workbench, run_dir, best, run_dir.best)
-    console.print(best_trials_table(rows, spec.metric, spec.direction))
-    console.print(f"Best adapter (trial {best}): {run_dir.best}")
-    return SearchResult(run_dir, finished_trials(study), best)
+        console.print("[red]No trial finished within the constraints.[/] Reasons are in trials.csv and logs/.")
+        return SearchResult(run_dir, finished_trials(study), None, front)
+    export_results(study, plan, workbench, run_dir, best, front, console)
+    console.print(best_trials_table(trial_rows(study), spec.metric, spec.direction))
+    console.print(f"Best adapter (trial {best}): {run_dir.best}" + (f"; Pareto front ({len(front)} trials): {run_dir.path / 'pareto'}" if front else ""))
+    return SearchResult(run_dir, finished_trials(study), best, front)
 
 
 def _run_one(study: optuna.Study, plan: Plan, workbench: Workbench, run_dir: RunDir, progress: SearchProgress) -> None:
@@ -158,37 +217,75 @@ def _run_one(study: optuna.Study, plan: Plan, workbench: Workbench, run_dir: Run
     trial.set_user_attr("seed", seed)
     trial.set_user_attr("config", config.to_json())
     progress.start_trial(trial.number, config.variant, trial.params)
-    save_to = run_dir.adapter(trial.number)
+    monitor = TrialMonitor(study, trial, spec, progress)
     try:
-        outcome = workbench.run_trial(config, seed, listener=progress, save_to=save_to)
+        outcome = workbench.run_trial(config, seed, listener=monitor, save_to=run_dir.adapter(trial.number))
     except KeyboardInterrupt:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         raise
+    except optuna.TrialPruned as pruned:
+        _record(trial, spec, monitor.metrics, monitor.costs, monitor.step)
+        trial.set_user_attr("pruned_reason", str(pruned))
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        progress.end_trial(trial.number, f"[yellow]pruned[/]: {pruned}", _best_text(study, spec))
     except Exception as exc:
         reason = exc.reason if isinstance(exc, TrialFailed) else f"{type(exc).__name__}: {exc}"
         run_dir.log(trial.number).parent.mkdir(parents=True, exist_ok=True)
         run_dir.log(trial.number).write_text(f"{config.variant} {describe_params(trial.params)}\n\n{traceback.format_exc()}")
         trial.set_user_attr("failure_reason", reason)
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        progress.end_trial(trial.number, f"[red]failed[/]: {reason}", _best_text(study, spec.metric))
+        progress.end_trial(trial.number, f"[red]failed[/]: {reason}", _best_text(study, spec))
     else:
-        trial.set_user_attr("metrics", outcome.metrics)
-        trial.set_user_attr("costs", outcome.costs)
-        trial.set_user_attr("trainable_params", outcome.costs["trainable_params"])
-        trial.set_user_attr("steps", outcome.steps)
-        study.tell(trial, outcome.metrics[spec.metric])
-        progress.end_trial(trial.number, _outcome_text(spec.metric, outcome.metrics, outcome.costs["train_seconds"]), _best_text(study, spec.metric))
-    run_dir.keep_adapters({n for n in [best_number(study)] if n is not None})
+        values = _record(trial, spec, outcome.metrics, outcome.costs, outcome.steps)
+        study.tell(trial, objective_values(spec, outcome.metrics, outcome.costs))
+        text = f"finished in {outcome.costs['train_seconds']:.0f}s: validation {describe_values(spec, values)}"
+        progress.end_trial(trial.number, text + ("" if feasible(spec, values) else " [yellow](violates a constraint)[/]"), _best_text(study, spec))
+    keep = set(pareto_front(study, spec)) | {select_best(study, spec)} if len(spec.objectives()) > 1 else {select_best(study, spec)}
+    run_dir.keep_adapters({n for n in keep if n is not None})
     write_trials_csv(study, run_dir.trials_csv)
 
 
-def _best_text(study: optuna.Study, metric: str) -> str:
-    best = best_number(study)
-    return f"best: trial {best}, {metric} {study.best_value:.4f}" if best is not None else ""
+def _record(trial: optuna.Trial, spec: Spec, metrics: dict[str, float], costs: dict[str, float], steps: int) -> dict[str, float]:
+    """Store what a trial measured (also for pruned trials: their partial result stays in the study)."""
+    trial.set_user_attr("metrics", metrics)
+    trial.set_user_attr("costs", costs)
+    trial.set_user_attr("trainable_params", costs.get("trainable_params"))
+    trial.set_user_attr("steps", steps)
+    values = {**costs, **metrics}
+    if spec.search.constraints and all(name in values for name, _, _ in spec.constraints()):
+        trial.set_user_attr("constraints", constraint_values(spec, values))
+    return values
 
 
-def _best_is_exported(run_dir: RunDir, number: int) -> bool:
+def _best_text(study: optuna.Study, spec: Spec) -> str:
+    best = select_best(study, spec)
+    if best is None:
+        return ""
+    metrics = study.trials[best].user_attrs["metrics"]
+    return f"best: trial {best}, {spec.metric} {metrics[spec.metric]:.4f}"
+
+
+def export_results(study: optuna.Study, plan: Plan, workbench: Workbench | None, run_dir: RunDir, best: int, front: list[int], console: Console) -> None:
+    """Export ``best/`` and, for several objectives, every front trial to ``pareto/trial-N`` (skipping up-to-date ones)."""
     import json
 
-    info = run_dir.best / "autopeft.json"
-    return info.is_file() and json.loads(info.read_text()).get("trial") == number
+    from autopeft.export import export_trial
+    from autopeft.trial import Workbench
+
+    def exported(folder, number: int) -> bool:
+        info = folder / "autopeft.json"
+        return info.is_file() and json.loads(info.read_text()).get("trial") == number
+
+    todo = [(run_dir.best, best)] + [(run_dir.path / "pareto" / f"trial-{n}", n) for n in front]
+    todo = [(folder, n) for folder, n in todo if not exported(folder, n)]
+    if front:
+        pareto = run_dir.path / "pareto"
+        if pareto.is_dir():
+            for stale in pareto.iterdir():
+                if stale.name not in {f"trial-{n}" for n in front}:
+                    shutil.rmtree(stale, ignore_errors=True)
+    if not todo:
+        return
+    workbench = workbench or Workbench(plan, console.log)
+    for folder, number in todo:
+        export_trial(study, plan, workbench, run_dir, number, folder)

@@ -1,0 +1,117 @@
+"""What a search optimises, what it must respect, and which trial becomes ``best/``.
+
+Objectives are a task metric (first) and optionally costs (``trainable_params``, ``adapter_bytes``,
+``bops_per_token``, ``peak_memory_mb``, ``train_seconds``). Constraints such as ``trainable_params <= 200000``
+are passed to Optuna's sampler (``constraints_func``), so it learns to propose feasible configurations instead of
+only filtering afterwards. ``best/`` is chosen among feasible complete trials by ``search.select``:
+
+- ``best-metric`` (default): the best task metric.
+- ``smallest-within``: among trials whose metric is within ``tolerance`` of the best, the one with the smallest
+  first cost objective (or fewest trainable parameters when no cost is an objective).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from autopeft.costs import COST_NAMES
+from autopeft.spec import METRICS, Spec
+
+if TYPE_CHECKING:
+    import optuna
+
+
+def allowed_names(spec: Spec) -> list[str]:
+    return list(METRICS[spec.model.task]) + list(COST_NAMES)
+
+
+def measured(trial: optuna.trial.FrozenTrial) -> dict[str, float]:
+    """Validation metrics and costs a trial recorded."""
+    return {**trial.user_attrs.get("costs", {}), **trial.user_attrs.get("metrics", {})}
+
+
+def objective_values(spec: Spec, metrics: dict[str, float], costs: dict[str, float]) -> list[float]:
+    values = {**costs, **metrics}
+    return [float(values[name]) for name, _ in spec.objectives()]
+
+
+def constraint_values(spec: Spec, values: dict[str, float]) -> list[float]:
+    """Optuna's convention: a value <= 0 means the constraint holds."""
+    out = []
+    for name, op, bound in spec.constraints():
+        out.append(values[name] - bound if op == "<=" else bound - values[name])
+    return out
+
+
+def violations(spec: Spec, values: dict[str, float]) -> list[str]:
+    """The constraints ``values`` break, as text; constraints on values not measured yet are skipped."""
+    return [
+        f"{name} {op} {bound:g} (it is {values[name]:g})"
+        for name, op, bound in spec.constraints()
+        if name in values and (values[name] > bound if op == "<=" else values[name] < bound)
+    ]
+
+
+def feasible(spec: Spec, values: dict[str, float]) -> bool:
+    return all(v <= 0 for v in constraint_values(spec, values))
+
+
+def constraints_func(trial: optuna.trial.FrozenTrial) -> list[float]:
+    """For Optuna samplers: the constraint values the trial stored (a running trial counts as feasible)."""
+    return trial.user_attrs.get("constraints", [])
+
+
+def _dominates(a: list[float], b: list[float], signs: list[float]) -> bool:
+    better_or_equal = all(sa * x >= sa * y for x, y, sa in zip(a, b, signs))
+    return better_or_equal and any(sa * x > sa * y for x, y, sa in zip(a, b, signs))
+
+
+def front_ranks(points: list[list[float]], directions: list[str]) -> list[int]:
+    """Non-dominated sorting: 0 for the Pareto front, 1 for the front once it is removed, and so on."""
+    signs = [1.0 if d == "maximize" else -1.0 for d in directions]
+    ranks = [-1] * len(points)
+    remaining = set(range(len(points)))
+    level = 0
+    while remaining:
+        front = {i for i in remaining if not any(_dominates(points[j], points[i], signs) for j in remaining if j != i)}
+        for i in front:
+            ranks[i] = level
+        remaining -= front
+        level += 1
+    return ranks
+
+
+def _complete_feasible(study: optuna.Study, spec: Spec) -> list[optuna.trial.FrozenTrial]:
+    import optuna
+
+    trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return [t for t in trials if feasible(spec, measured(t))]
+
+
+def pareto_front(study: optuna.Study, spec: Spec) -> list[int]:
+    """Numbers of the feasible complete trials on the Pareto front of the spec's objectives."""
+    trials = _complete_feasible(study, spec)
+    objectives = spec.objectives()
+    points = [[measured(t)[name] for name, _ in objectives] for t in trials]
+    ranks = front_ranks(points, [d for _, d in objectives])
+    return sorted(t.number for t, rank in zip(trials, ranks) if rank == 0)
+
+
+def select_best(study: optuna.Study, spec: Spec) -> int | None:
+    """The trial ``best/`` holds, by ``search.select``; None when no complete trial meets the constraints."""
+    trials = _complete_feasible(study, spec)
+    if not trials:
+        return None
+    metric, direction = spec.objectives()[0]
+    sign = 1.0 if direction == "maximize" else -1.0
+    best = max(trials, key=lambda t: (sign * measured(t)[metric], -t.number))
+    if spec.search.select.rule == "best-metric":
+        return best.number
+    threshold = sign * measured(best)[metric] - spec.search.select.tolerance
+    close = [t for t in trials if sign * measured(t)[metric] >= threshold]
+    costs = [name for name, _ in spec.objectives()[1:]] or ["trainable_params"]
+    return min(close, key=lambda t: (measured(t)[costs[0]], -sign * measured(t)[metric], t.number)).number
+
+
+def describe_values(spec: Spec, values: dict[str, Any]) -> str:
+    return ", ".join(f"{name} {values[name]:.4g}" for name, _ in spec.objectives() if name in values)
