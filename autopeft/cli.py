@@ -116,6 +116,41 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from autopeft.report import write_report
+    from autopeft.rundir import RunDir
+
+    path = write_report(RunDir(args.run_dir))
+    _console().print(f"Report: {path} (figures in {path.parent / 'report'})")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from autopeft.rundir import RunDir
+    from autopeft.status import format_status, run_status
+
+    status = run_status(RunDir(args.run_dir))
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from autopeft.rundir import RunDir
+    from autopeft.status import dashboard_server, is_loopback, server_url
+
+    server = dashboard_server(RunDir(args.run_dir), args.host, args.port)
+    if not is_loopback(args.host):
+        _console(stderr=True).print(f"[yellow]warning:[/] serving on {args.host}: anyone who can reach it can read and delete this study")
+    print(f"optuna-dashboard for {args.run_dir}: {server_url(server)} (Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how a user stops the dashboard, not an interruption of work
+    finally:
+        server.server_close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autopeft", description="Search LoRA-family adapter configurations and export the best as a PEFT adapter.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -141,6 +176,21 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     plugins.add_argument("--plugin", action="append", default=[], help="also load this plugin file or folder")
     plugins.set_defaults(func=cmd_plugins)
+
+    report = commands.add_parser("report", help="write RUN_DIR/report.html: figures, best trial and all trials of a run")
+    report.add_argument("run_dir", help="the run folder (output.dir of the search)")
+    report.set_defaults(func=cmd_report)
+
+    status = commands.add_parser("status", help="show the trials and the best so far of a running or finished run")
+    status.add_argument("run_dir", help="the run folder (output.dir of the search)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+
+    dashboard = commands.add_parser("dashboard", help="open the run's study in optuna-dashboard (pip install 'autopeft[dashboard]')")
+    dashboard.add_argument("run_dir", help="the run folder (output.dir of the search)")
+    dashboard.add_argument("--port", type=int, default=8080, help="port to listen on (0: any free port; default 8080)")
+    dashboard.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    dashboard.set_defaults(func=cmd_dashboard)
     return parser
 
 
@@ -152,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except AutoPeftError as exc:
-        _console(stderr=True).print(f"[red]error:[/] {exc}", soft_wrap=True)
+        from rich.markup import escape
+
+        _console(stderr=True).print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
         _console(stderr=True).print("[yellow]interrupted[/]")

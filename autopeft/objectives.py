@@ -25,9 +25,14 @@ def allowed_names(spec: Spec) -> list[str]:
     return list(METRICS[spec.model.task]) + list(COST_NAMES)
 
 
-def measured(trial: optuna.trial.FrozenTrial) -> dict[str, float]:
-    """Validation metrics and costs a trial recorded."""
-    return {**trial.user_attrs.get("costs", {}), **trial.user_attrs.get("metrics", {})}
+def measured(trial: optuna.trial.FrozenTrial, spec: Spec | None = None) -> dict[str, float]:
+    """Validation metrics and costs a trial recorded; with ``spec``, its objective values fill any gap (for
+    trials added to the study by other tools, which store only Optuna's values)."""
+    values = {**trial.user_attrs.get("costs", {}), **trial.user_attrs.get("metrics", {})}
+    if spec is not None and trial.values is not None:
+        for (name, _), value in zip(spec.objectives(), trial.values):
+            values.setdefault(name, value)
+    return values
 
 
 def objective_values(spec: Spec, metrics: dict[str, float], costs: dict[str, float]) -> list[float]:
@@ -85,14 +90,14 @@ def _complete_feasible(study: optuna.Study, spec: Spec) -> list[optuna.trial.Fro
     import optuna
 
     trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    return [t for t in trials if feasible(spec, measured(t))]
+    return [t for t in trials if feasible(spec, measured(t, spec))]
 
 
 def pareto_front(study: optuna.Study, spec: Spec) -> list[int]:
     """Numbers of the feasible complete trials on the Pareto front of the spec's objectives."""
     trials = _complete_feasible(study, spec)
     objectives = spec.objectives()
-    points = [[measured(t)[name] for name, _ in objectives] for t in trials]
+    points = [[measured(t, spec)[name] for name, _ in objectives] for t in trials]
     ranks = front_ranks(points, [d for _, d in objectives])
     return sorted(t.number for t, rank in zip(trials, ranks) if rank == 0)
 
@@ -104,13 +109,14 @@ def select_best(study: optuna.Study, spec: Spec) -> int | None:
         return None
     metric, direction = spec.objectives()[0]
     sign = 1.0 if direction == "maximize" else -1.0
-    best = max(trials, key=lambda t: (sign * measured(t)[metric], -t.number))
+    values = {t.number: measured(t, spec) for t in trials}
+    best = max(trials, key=lambda t: (sign * values[t.number][metric], -t.number))
     if spec.search.select.rule == "best-metric":
         return best.number
-    threshold = sign * measured(best)[metric] - spec.search.select.tolerance
-    close = [t for t in trials if sign * measured(t)[metric] >= threshold]
-    costs = [name for name, _ in spec.objectives()[1:]] or ["trainable_params"]
-    return min(close, key=lambda t: (measured(t)[costs[0]], -sign * measured(t)[metric], t.number)).number
+    threshold = sign * values[best.number][metric] - spec.search.select.tolerance
+    close = [t for t in trials if sign * values[t.number][metric] >= threshold]
+    cost = ([name for name, _ in spec.objectives()[1:]] or ["trainable_params"])[0]
+    return min(close, key=lambda t: (values[t.number].get(cost, float("inf")), -sign * values[t.number][metric], t.number)).number
 
 
 def describe_values(spec: Spec, values: dict[str, Any]) -> str:

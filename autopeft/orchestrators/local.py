@@ -192,18 +192,31 @@ def run_search(plan: Plan, console: Console, n_trials: int | None = None, timeou
     best = select_best(study, spec)
     front = pareto_front(study, spec) if len(spec.objectives()) > 1 else []
     if stopped_by_user:
+        _write_report(run_dir, console)
         console.print(
             f"[yellow]Interrupted.[/] {finished_trials(study)} finished trials are kept in {run_dir.study_db}; "
             "run the same command again to resume."
         )
         return SearchResult(run_dir, finished_trials(study), best, front, interrupted=True)
     if best is None:
+        _write_report(run_dir, console)
         console.print("[red]No trial finished within the constraints.[/] Reasons are in trials.csv and logs/.")
         return SearchResult(run_dir, finished_trials(study), None, front)
     export_results(study, plan, workbench, run_dir, best, front, console)
+    _write_report(run_dir, console)
     console.print(best_trials_table(trial_rows(study), spec.metric, spec.direction))
     console.print(f"Best adapter (trial {best}): {run_dir.best}" + (f"; Pareto front ({len(front)} trials): {run_dir.path / 'pareto'}" if front else ""))
     return SearchResult(run_dir, finished_trials(study), best, front)
+
+
+def _write_report(run_dir: RunDir, console: Console) -> None:
+    """Write report.html; a problem drawing it is shown but never fails a finished search."""
+    from autopeft.report import write_report
+
+    try:
+        console.log(f"report: {write_report(run_dir)}")
+    except Exception as exc:
+        console.print(f"[yellow]The report could not be written[/] ({type(exc).__name__}: {exc}); try: autopeft report {run_dir.path}")
 
 
 def _run_one(study: optuna.Study, plan: Plan, workbench: Workbench, run_dir: RunDir, progress: SearchProgress) -> None:
