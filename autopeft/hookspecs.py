@@ -78,6 +78,9 @@ class Variant:
     LoRA adapter) or ``"merged"`` (folded into a LoRA of the weight difference)."""
     supports_module_ranks: bool = False
     """Whether :meth:`attach` honours ``context.ranks`` (a rank per module chosen by the outer search)."""
+    size_decided_in_training: bool = False
+    """True for allocators whose final size is only known after training (they attach at a maximum rank and
+    shrink or grow): size constraints are then checked on the trained adapter, not at attach time."""
 
     def search_space(self) -> dict[str, Param]:
         """The searchable parameters of this method, ``{name: IntParam | FloatParam | CategoricalParam}``.

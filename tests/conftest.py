@@ -19,6 +19,13 @@ import yaml
 # Tests never reach a hub: everything they use is built here or shipped in installed packages.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+
+def pytest_configure(config):
+    import torch
+
+    # Tiny models gain nothing from threads, and on a loaded 2-core machine threads make them many times slower.
+    torch.set_num_threads(1)
+
 POSITIVE = ["good", "great", "fine", "superb", "lovely", "nice"]
 NEGATIVE = ["bad", "awful", "poor", "dull", "boring", "weak"]
 FILLER = ["the", "film", "was", "a", "plot", "actor", "very", "story", "and", "it", "scene", "movie"]

@@ -166,3 +166,17 @@ def test_objective_mistakes_are_spec_errors(tmp_path, tiny_bert, sentiment_csv, 
     assert main(["validate", str(spec)]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert key in err and fragment in err
+
+
+def test_allocators_are_judged_on_their_trained_size_not_their_starting_size(tmp_path, tiny_bert, sentiment_csv):
+    spec = write_spec(
+        tmp_path,
+        model={"id": str(tiny_bert)},
+        data={"source": str(sentiment_csv)},
+        search={"variants": ["sora"], "n_trials": 1, "space": {}, "constraints": ["trainable_params <= 1"]},
+    )
+    # No adapter is that small, but SoRA attaches at its maximum rank and shrinks: it must train before it is judged.
+    assert main(["search", str(spec)]) == 1
+    [row] = rows_of(tmp_path / "run")
+    assert row["state"] == "COMPLETE" and row["steps"] == "12"
+    assert not (tmp_path / "run" / "best").exists()

@@ -113,8 +113,9 @@ def sample_config(trial: optuna.Trial, plan: Plan, sites: list) -> TrialConfig:
 class TrialMonitor(StepListener):
     """Follows one running trial: progress on screen, intermediate results in the study, early stopping."""
 
-    def __init__(self, study: optuna.Study, trial: optuna.Trial, spec: Spec, progress: SearchProgress) -> None:
+    def __init__(self, study: optuna.Study, trial: optuna.Trial, spec: Spec, progress: SearchProgress, size_known_at_attach: bool = True) -> None:
         self.study, self.trial, self.spec, self.progress = study, trial, spec, progress
+        self.size_known_at_attach = size_known_at_attach
         self.metrics: dict[str, float] = {}
         self.costs: dict[str, float] = {}
         self.step = 0
@@ -126,7 +127,7 @@ class TrialMonitor(StepListener):
 
         # Size costs are known before any training: a configuration that breaks a constraint stops here.
         self.costs = dict(costs)
-        broken = violations(self.spec, costs)
+        broken = violations(self.spec, costs) if self.size_known_at_attach else []
         if broken:
             raise optuna.TrialPruned("violates " + "; ".join(broken))
 
@@ -230,7 +231,8 @@ def _run_one(study: optuna.Study, plan: Plan, workbench: Workbench, run_dir: Run
     trial.set_user_attr("seed", seed)
     trial.set_user_attr("config", config.to_json())
     progress.start_trial(trial.number, config.variant, trial.params)
-    monitor = TrialMonitor(study, trial, spec, progress)
+    size_known = not plan.registry.variant(config.variant).size_decided_in_training
+    monitor = TrialMonitor(study, trial, spec, progress, size_known_at_attach=size_known)
     try:
         outcome = workbench.run_trial(config, seed, listener=monitor, save_to=run_dir.adapter(trial.number))
     except KeyboardInterrupt:
