@@ -61,3 +61,22 @@ def test_a_third_party_package_is_listed_and_searchable(tmp_path, tiny_bert, sen
     assert json.loads((best / "autopeft.json").read_text())["variant"] == "lora-fa"
     model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2), best)
     assert any("lora_A" in name for name, _ in model.named_parameters())
+
+
+def test_every_preset_builds_a_plan_and_the_spec_overrides_it():
+    from autopeft.plan import make_plan, preset_names
+    from autopeft.spec import parse_spec
+
+    assert {"compare-variants", "lora-rank-placement", "rank-allocators"} <= set(preset_names())
+    for preset in preset_names():
+        spec = parse_spec({"model": {"id": "sentence-transformers/all-MiniLM-L6-v2"}, "data": {"source": "rotten-tomatoes"}, "search": {"preset": preset}})
+        plan = make_plan(spec)
+        assert plan.spaces and all("learning_rate" in space for space in plan.spaces.values())
+
+    spec = parse_spec({
+        "model": {"id": "sentence-transformers/all-MiniLM-L6-v2"}, "data": {"source": "rotten-tomatoes"},
+        "search": {"preset": "lora-rank-placement", "space": {"lora.r": [4]}},
+    })
+    space = make_plan(spec).spaces["lora"]
+    assert space["r"].choices == (4,)  # the spec wins
+    assert space["learning_rate"].low == 1e-4  # the preset still applies elsewhere
