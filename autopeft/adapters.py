@@ -31,6 +31,28 @@ def detach_peft_model(model: torch.nn.Module) -> torch.nn.Module:
     return base
 
 
+def strip_tuner_layers(model: torch.nn.Module) -> torch.nn.Module:
+    """Put back every original module a failed ``get_peft_model`` may have left wrapped inside ``model``.
+
+    PEFT replaces modules one by one; when attaching fails half-way the base model holds a mix. This undoes it
+    without needing the ``PeftModel`` that never came to be.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)) and name:
+            original = module.original_module if isinstance(module, ModulesToSaveWrapper) else module.get_base_layer()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, original)
+    for attribute in ("peft_config", "_hf_peft_config_loaded"):
+        if attribute in model.__dict__:
+            delattr(model, attribute)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
 def trainable_parameters(model: torch.nn.Module) -> int:
     """Number of parameters that receive gradients (adapter and task head)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

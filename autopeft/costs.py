@@ -2,7 +2,8 @@
 
 - ``trainable_params``: parameters that receive gradients (adapter and task head).
 - ``adapter_bytes``: size of what the exported adapter stores, each tensor at its bits (quantized adapter weights
-  at their bit width, the rest at their dtype's width).
+  at their bit width, the rest at their dtype's width). Measured on the saved adapter once it is exported; the
+  estimate at attach time (used to stop oversized configurations early) is what PEFT would save then.
 - ``bops_per_token``: bit operations of one token's forward pass through the adapted linear layers: for each
   transformer-block linear, MACs × weight bits × activation bits, plus the adapter's own MACs × adapter bits ×
   activation bits. Base weights count at the base model's bits (4 or 8 when the base is quantized).
@@ -23,15 +24,26 @@ if TYPE_CHECKING:
 COST_NAMES = ("trainable_params", "adapter_bytes", "bops_per_token", "peak_memory_mb", "train_seconds")
 
 
-def adapter_bytes(model: torch.nn.Module, bits: dict[str, int]) -> int:
-    """Bytes of the adapter's exported tensors, quantized modules counted at their bits."""
-    from peft import get_peft_model_state_dict
-
+def _bytes(tensors: dict[str, torch.Tensor], bits: dict[str, int]) -> int:
     total_bits = 0
-    for key, tensor in get_peft_model_state_dict(model).items():
+    for key, tensor in tensors.items():
         module = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
         total_bits += tensor.numel() * bits.get(module, tensor.element_size() * 8)
     return total_bits // 8
+
+
+def adapter_bytes(model: torch.nn.Module, bits: dict[str, int]) -> int:
+    """Bytes of the adapter's tensors as PEFT would save them now, quantized modules counted at their bits."""
+    from peft import get_peft_model_state_dict
+
+    return _bytes(get_peft_model_state_dict(model), bits)
+
+
+def exported_bytes(adapter_dir, bits: dict[str, int]) -> int:
+    """Bytes of an exported adapter's tensors (``adapter_model.safetensors``), at their bits."""
+    from safetensors.torch import load_file
+
+    return _bytes(load_file(str(adapter_dir / "adapter_model.safetensors")), bits)
 
 
 def bops_per_token(model: torch.nn.Module, sites: list[AdapterSite], bits: dict[str, int], base_bits: int, activation_bits: int) -> int:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from autopeft.adapters import verify_ranks
-from autopeft.costs import measure, peak_memory_mb
+from autopeft.adapters import strip_tuner_layers, verify_ranks
+from autopeft.costs import exported_bytes, measure, peak_memory_mb
 from autopeft.data import PreparedData, batches, load_raw, prepare
 from autopeft.errors import TrialFailed
 from autopeft.hookspecs import AttachContext
@@ -188,7 +188,11 @@ class Workbench:
             torch.cuda.reset_peak_memory_stats(self.device)
         torch.manual_seed(seed)
         started = time.perf_counter()
-        model = variant.attach(base, params, context)
+        try:
+            model = variant.attach(base, params, context)
+        except BaseException:
+            self.put_back(config.base_bits, strip_tuner_layers(base))
+            raise
         try:
             if config.ranks is not None:
                 try:
@@ -235,6 +239,8 @@ class Workbench:
             if save_to is not None:
                 variant.export(model, save_to)
                 write_adapter_bits(baked_bits, save_to)
+                # What is stored may differ from what trained (frozen bases materialised, inits converted).
+                costs["adapter_bytes"] = exported_bytes(save_to, baked_bits)
             return TrialOutcome(history[-1][1], costs, training.max_steps, history)
         finally:
             restored = variant.detach(model)

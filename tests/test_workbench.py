@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from autopeft.plan import make_plan
@@ -44,3 +45,31 @@ def test_training_learns_the_task(tmp_path, tiny_bert, sentiment_csv):
     outcome = workbench.run_trial(TrialConfig("lora", {"learning_rate": 1e-2, "target_modules": "all", "r": 8, "alpha_ratio": 2.0, "dropout": 0.0}), seed=0)
     assert outcome.metrics["eval_loss"] < before["eval_loss"]
     assert outcome.metrics["accuracy"] >= 0.7 > before["accuracy"]
+
+
+def test_an_attach_that_fails_half_way_leaves_the_base_model_untouched(classification_spec, monkeypatch):
+    from autopeft import Variant
+    from autopeft.errors import TrialFailed
+    from autopeft.space import shared
+
+    class HalfWay(Variant):
+        name = "half-way"
+
+        def search_space(self):
+            return {"learning_rate": shared("learning_rate")}
+
+        def attach(self, model, params, context):
+            from peft import LoraConfig, get_peft_model
+
+            get_peft_model(model, LoraConfig(task_type=context.peft_task_type, target_modules=context.target_modules, r=2))
+            raise TrialFailed("gave up after wrapping the layers")
+
+    workbench = Workbench(make_plan(load_spec(classification_spec)))
+    found = type(workbench.plan.registry.variants["lora"])(HalfWay(), "test", "test")
+    monkeypatch.setitem(workbench.plan.registry.variants, "half-way", found)  # the registry is shared: undo after
+    before = {name: type(module) for name, module in workbench.base_model.named_modules()}
+    with pytest.raises(TrialFailed):
+        workbench.run_trial(TrialConfig("half-way", {"learning_rate": 1e-3, "target_modules": "q,v"}), seed=0)
+    assert {name: type(module) for name, module in workbench.base_model.named_modules()} == before
+    outcome = workbench.run_trial(TrialConfig("lora", {"learning_rate": 1e-2, "target_modules": "q,v", "r": 2, "alpha_ratio": 2.0, "dropout": 0.0}), seed=0)
+    assert outcome.costs["trainable_params"] > 0
