@@ -233,3 +233,30 @@ def test_a_search_across_several_variants_runs_and_exports_a_loadable_best(tmp_p
         predictions = model(**inputs).logits.argmax(-1).tolist()
     with open(best / "test_predictions.csv") as handle:
         assert predictions == [int(row["prediction"]) for row in csv.DictReader(handle)]
+
+
+BUILTIN = sorted(name for name, found in load_registry().variants.items() if found.source == "built-in")
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_every_builtin_variant_runs_in_a_search_and_exports_what_plain_peft_predicts(tmp_path, tiny_bert, sentiment_csv, name):
+    spec = write_spec(
+        tmp_path,
+        model={"id": str(tiny_bert)},
+        data={"source": str(sentiment_csv)},
+        search={"variants": [name], "n_trials": 1, "seed": 0, "space": {"learning_rate": 1e-2}},
+        training={"max_steps": 4, "batch_size": 8, "eval_every": 4, "eval_batch_size": 40},
+    )
+    assert main(["search", str(spec)]) == 0
+    best = tmp_path / "run" / "best"
+    assert json.loads((best / "autopeft.json").read_text())["variant"] == name
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
+    model = PeftModel.from_pretrained(base, best).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    loaded = load_spec(spec)
+    data = prepare(load_raw(loaded, make_plan(loaded).registry), tokenizer, loaded)
+    with torch.no_grad():
+        inputs = {k: v for k, v in collate(data.test, tokenizer.pad_token_id).items() if k != "labels"}
+        predictions = model(**inputs).logits.argmax(-1).tolist()
+    with open(best / "test_predictions.csv") as handle:
+        assert predictions == [int(row["prediction"]) for row in csv.DictReader(handle)]
