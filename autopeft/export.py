@@ -187,6 +187,11 @@ def model_card(info: dict[str, Any], adapter_config: dict[str, Any]) -> str:
             f"tokenizer = AutoTokenizer.from_pretrained({base['id']!r})"
         )
     targets = adapter_config.get("target_modules") or []
+    quantization = base.get("quantization")
+    base_note = (
+        f"\n- trained against the base model quantized to {quantization['bits']} bits ({quantization['method']}): "
+        "load the base the same way for the scores above" if quantization else ""
+    )
     return f"""---
 base_model: {base['id']}
 library_name: peft
@@ -210,7 +215,7 @@ Found by an autopeft search: trial {info['trial']}, chosen by validation {info['
 |---|---|
 {param_rows}
 
-- trainable parameters: {info['trainable_params']:,}
+- trainable parameters: {info['trainable_params']:,}{base_note}
 - adapter on {len(targets)} modules
 - data: {info['data']['source']} ({', '.join(f'{k} {v}' for k, v in info['data']['sizes'].items() if k != 'labels')}), max length {info['data']['max_length']}
 - training: {info['training']['max_steps']} steps, batch size {info['training']['batch_size']}

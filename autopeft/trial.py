@@ -256,16 +256,17 @@ class Workbench:
         total_loss, total_count, predictions, labels = 0.0, 0, [], []
         with torch.no_grad():
             for batch in self._batches(examples, self.plan.spec.training.eval_batch_size, seed=None):
-                output = model(**batch)
+                # The loss is computed here, not by the model: some adapters (AdaLoRA loaded for inference)
+                # add training-only terms when given labels, and a sum over the split is exact.
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+                targets = batch["labels"]
                 if classification:
-                    n = batch["labels"].numel()
-                    predictions += output.logits.argmax(-1).tolist()
-                    labels += batch["labels"].tolist()
+                    predictions += logits.argmax(-1).tolist()
+                    labels += targets.tolist()
                 else:
-                    # Models average over predicted tokens; weight by them so the mean is over the whole split.
-                    n = int((batch["labels"][:, 1:] != -100).sum())
-                total_loss += float(output.loss) * n
-                total_count += n
+                    logits, targets = logits[:, :-1].flatten(0, 1), targets[:, 1:].flatten()
+                total_loss += float(torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum"))
+                total_count += int((targets != -100).sum())
         eval_loss = total_loss / max(total_count, 1)
         if not classification:
             return Evaluation({"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50.0))})

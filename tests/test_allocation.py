@@ -95,6 +95,8 @@ def test_a_quantized_base_is_searched_and_recorded(tmp_path, tiny_bert, sentimen
     info = json.loads((run / "best" / "autopeft.json").read_text())
     bits = info["base_bits"]
     assert info["base_model"]["quantization"] == ({"bits": 4, "method": "hqq"} if bits == 4 else None)
+    card = (run / "best" / "README.md").read_text()
+    assert ("quantized to 4 bits (hqq)" in card) == (bits == 4)
 
 
 def test_quantized_base_is_a_copy_and_trains(classification_spec):
