@@ -156,7 +156,6 @@ def quantize_base(model: PreTrainedModel, bits: int) -> PreTrainedModel:
     """
     import copy
 
-    import torch
 
     try:
         from hqq.core.quantize import BaseQuantizeConfig, HQQLinear

@@ -171,14 +171,6 @@ def finished_trials(study: optuna.Study) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False, states=done) if not interrupted(t))
 
 
-def best_number(study: optuna.Study) -> int | None:
-    """The best complete trial of a single-objective study (None if there is none, or several objectives)."""
-    try:
-        return study.best_trial.number
-    except (ValueError, RuntimeError):
-        return None
-
-
 def trial_record(study: optuna.Study, number: int) -> dict[str, Any]:
     """What ``autopeft.json`` says about the trial: number, variant, parameters, allocation, costs, seed."""
     trial = study.trials[number]

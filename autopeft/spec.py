@@ -312,11 +312,3 @@ def load_spec(path: str | Path) -> Spec:
     spec = parse_spec(raw, str(path))
     spec._path = path.resolve()
     return spec
-
-
-def check_metric(spec: Spec) -> list[SpecError]:
-    allowed = METRICS[spec.model.task]
-    if spec.metric not in allowed:
-        return [SpecError(str(spec.path), "search.metric", spec.metric, f"for {spec.model.task} choose one of {', '.join(allowed)}")]
-    return []
-

@@ -92,10 +92,16 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--outer-trials", type=int, default=4, help="trials of the outer per-module search")
-    parser.add_argument("--out", default="benchmarks/results/allocation.json")
+    parser.add_argument("--out", default="benchmarks/results/allocation.jsonl", help="results are appended, one JSON line per run")
+    parser.add_argument("--table", nargs="+", metavar="RESULTS", help="only print the table of these results files")
     args = parser.parse_args()
+    if args.table:
+        rows = [json.loads(line) for path in args.table for line in Path(path).read_text().splitlines() if line.strip()]
+        print_table(rows)
+        return
     console = Console(quiet=True)
     results = []
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         for dataset in args.datasets:
             for method in args.methods:
@@ -114,14 +120,19 @@ def main() -> None:
                         row = {"dataset": dataset, "method": method, "seed": seed, "error": f"{type(exc).__name__}: {exc}"}
                     results.append(row)
                     print(json.dumps(row), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "budget_lora_params": BUDGET, "results": results}, indent=2))
+                    with open(args.out, "a") as handle:  # one line per run: an interrupted benchmark keeps its results
+                        handle.write(json.dumps(row) + "\n")
+    print_table(results)
 
-    print(f"\nBudget: {BUDGET:,} LoRA parameters (uniform rank {UNIFORM_RANK} on q, k, v, o of 6 layers). Mean ± sd over seeds {args.seeds}.\n")
+
+def print_table(results: list[dict]) -> None:
+    """Mean ± sd over seeds of each method on each data set, as a markdown table."""
+    seeds = sorted({r["seed"] for r in results})
+    print(f"\nBudget: {BUDGET:,} LoRA parameters (uniform rank {UNIFORM_RANK} on q, k, v, o of 6 layers). Mean ± sd over seeds {seeds}.\n")
     print("| data | method | test accuracy | validation accuracy | LoRA parameters | modules with an adapter |")
     print("|---|---|---|---|---|---|")
-    for dataset in args.datasets:
-        for method in args.methods:
+    for dataset in dict.fromkeys(r["dataset"] for r in results):
+        for method in dict.fromkeys(r["method"] for r in results if r["dataset"] == dataset):
             rows = [r for r in results if r["dataset"] == dataset and r["method"] == method and "error" not in r]
             if not rows:
                 errors = {r["error"] for r in results if r["dataset"] == dataset and r["method"] == method}

@@ -22,7 +22,7 @@ from autopeft.objectives import constraint_values, constraints_func, describe_va
 from autopeft.plan import Plan
 from autopeft.progress import SearchProgress, best_trials_table, describe_params
 from autopeft.pruning import optuna_pruner, pareto_should_prune, rung_point
-from autopeft.rundir import RunDir, finished_trials, interrupted, open_study, trial_rows, write_trials_csv
+from autopeft.rundir import RunDir, finished_trials, interrupted, trial_rows, write_trials_csv
 from autopeft.space import defaults, sample
 from autopeft.spec import Spec
 from autopeft.trial import StepListener

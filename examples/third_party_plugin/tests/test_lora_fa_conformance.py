@@ -1,6 +1,5 @@
 """The plugin's own test: autopeft's conformance check is all a variant author needs to call."""
 
-import torch
 
 from autopeft.testing import check_variant, tiny_model
 from autopeft_lora_fa import LoRAFA
