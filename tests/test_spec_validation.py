@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -90,3 +91,9 @@ def test_a_missing_local_model_folder_is_a_spec_error(tmp_path, sentiment_csv, c
     spec = write_spec(tmp_path, model={"id": "./models/not-there"}, data={"source": str(sentiment_csv)})
     code, output = validate(spec, capsys)
     assert code == 2 and "model.id" in output and "does not exist" in output
+
+
+@pytest.mark.parametrize("example", sorted((Path(__file__).parent.parent / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_spec_is_valid(example, capsys):
+    code, output = validate(example, capsys)
+    assert code == 0, output
