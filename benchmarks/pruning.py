@@ -88,10 +88,15 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    parser.add_argument("--out", default="benchmarks/results/pruning.json")
+    parser.add_argument("--out", default="benchmarks/results/pruning.jsonl", help="results are appended, one JSON line per seed")
+    parser.add_argument("--table", nargs="+", metavar="RESULTS", help="only print the table of these results files")
     args = parser.parse_args()
+    if args.table:
+        print_table([json.loads(line) for path in args.table for line in Path(path).read_text().splitlines() if line.strip()])
+        return
     console = Console(quiet=True)
     results = []
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         for mode in args.modes:
             for seed in args.seeds:
@@ -109,11 +114,16 @@ def main() -> None:
                     "full": {**full, **compute_to_reach(runs[False], target)},
                     "pruned": {**early, **compute_to_reach(runs[True], target)},
                 }
+                row["trials"] = args.trials
                 results.append(row)
                 print(json.dumps(row), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+                with open(args.out, "a") as handle:  # one line per seed: an interrupted benchmark keeps its results
+                    handle.write(json.dumps(row) + "\n")
+    print_table(results)
 
+
+def print_table(results: list[dict]) -> None:
+    """The compute each search needed to reach the target accuracy, as a markdown table with savings per mode."""
     print("\n| objectives | seed | best accuracy without early stopping | steps to reach it: without / with | seconds: without / with | pruned trials | best accuracy with early stopping |")
     print("|---|---|---|---|---|---|---|")
     for row in results:
@@ -121,9 +131,9 @@ def main() -> None:
         reached = "" if early["reached"] else " (not reached)"
         print(
             f"| {row['mode']} | {row['seed']} | {row['target_accuracy']:.3f} | {full['steps']:.0f} / {early['steps']:.0f}{reached} | "
-            f"{full['seconds']:.0f} / {early['seconds']:.0f} | {early['pruned']} of {args.trials} | {early['best_accuracy']:.3f} |"
+            f"{full['seconds']:.0f} / {early['seconds']:.0f} | {early['pruned']} of {row.get('trials', '?')} | {early['best_accuracy']:.3f} |"
         )
-    for mode in args.modes:
+    for mode in dict.fromkeys(r["mode"] for r in results):
         rows = [r for r in results if r["mode"] == mode]
         saved = [1 - r["pruned"]["steps"] / r["full"]["steps"] for r in rows if r["pruned"]["reached"]]
         total = [1 - r["pruned"]["total_steps"] / r["full"]["total_steps"] for r in rows]
