@@ -2,7 +2,7 @@
 
 Objectives are a task metric (first) and optionally costs (``trainable_params``, ``adapter_bytes``,
 ``bops_per_token``, ``peak_memory_mb``, ``train_seconds``). Constraints such as ``trainable_params <= 200000``
-are passed to Optuna's sampler (``constraints_func``), so it learns to propose feasible configurations instead of
+are recorded on each trial for Optuna's sampler (``Trial.set_constraint``), so it learns to propose feasible configurations instead of
 only filtering afterwards. ``best/`` is chosen among feasible complete trials by ``search.select``:
 
 - ``best-metric`` (default): the best task metric.
@@ -40,12 +40,13 @@ def objective_values(spec: Spec, metrics: dict[str, float], costs: dict[str, flo
     return [float(values[name]) for name, _ in spec.objectives()]
 
 
-def constraint_values(spec: Spec, values: dict[str, float]) -> list[float]:
-    """Optuna's convention: a value <= 0 means the constraint holds."""
-    out = []
-    for name, op, bound in spec.constraints():
-        out.append(values[name] - bound if op == "<=" else bound - values[name])
-    return out
+def constraint_values(spec: Spec, values: dict[str, float]) -> dict[str, float]:
+    """``{constraint text: value}`` in Optuna's convention (<= 0 holds); constraints on unmeasured values are skipped."""
+    return {
+        text: values[name] - bound if op == "<=" else bound - values[name]
+        for text, (name, op, bound) in zip(spec.search.constraints, spec.constraints())
+        if name in values
+    }
 
 
 def violations(spec: Spec, values: dict[str, float]) -> list[str]:
@@ -58,12 +59,7 @@ def violations(spec: Spec, values: dict[str, float]) -> list[str]:
 
 
 def feasible(spec: Spec, values: dict[str, float]) -> bool:
-    return all(v <= 0 for v in constraint_values(spec, values))
-
-
-def constraints_func(trial: optuna.trial.FrozenTrial) -> list[float]:
-    """For Optuna samplers: the constraint values the trial stored (a running trial counts as feasible)."""
-    return trial.user_attrs.get("constraints", [])
+    return all(v <= 0 for v in constraint_values(spec, values).values())
 
 
 def _dominates(a: list[float], b: list[float], signs: list[float]) -> bool:

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from autopeft.allocation import check_allocation, sample_allocation
 from autopeft.errors import SpecErrors, TrialFailed
-from autopeft.objectives import constraint_values, constraints_func, describe_values, feasible, objective_values, pareto_front, select_best, violations
+from autopeft.objectives import constraint_values, describe_values, feasible, objective_values, pareto_front, select_best, violations
 from autopeft.plan import Plan
 from autopeft.progress import SearchProgress, best_trials_table, describe_params
 from autopeft.pruning import optuna_pruner, pareto_should_prune, rung_point
@@ -43,18 +43,18 @@ class SearchResult:
 
 
 def make_sampler(spec: Spec) -> optuna.samplers.BaseSampler:
-    """Optuna's sampler for ``search.sampler``, seeded, with the spec's constraints where the sampler takes them."""
+    """Optuna's sampler for ``search.sampler``, seeded. TPE and NSGA-II read each trial's constraint values
+    (``Trial.set_constraint``) and steer away from infeasible regions."""
     import optuna
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     search = spec.search
-    constraints = constraints_func if search.constraints else None
     samplers = {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=search.seed, multivariate=True, group=True, constraints_func=constraints),
+        "tpe": lambda: optuna.samplers.TPESampler(seed=search.seed, multivariate=True, group=True),
         "random": lambda: optuna.samplers.RandomSampler(seed=search.seed),
         "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=search.seed, warn_independent_sampling=False),
         "qmc": lambda: optuna.samplers.QMCSampler(seed=search.seed, warn_independent_sampling=False),
-        "nsgaii": lambda: optuna.samplers.NSGAIISampler(seed=search.seed, constraints_func=constraints),
+        "nsgaii": lambda: optuna.samplers.NSGAIISampler(seed=search.seed),
     }
     return samplers[search.sampler]()
 
@@ -267,8 +267,8 @@ def _record(trial: optuna.Trial, spec: Spec, metrics: dict[str, float], costs: d
     trial.set_user_attr("trainable_params", costs.get("trainable_params"))
     trial.set_user_attr("steps", steps)
     values = {**costs, **metrics}
-    if spec.search.constraints and all(name in values for name, _, _ in spec.constraints()):
-        trial.set_user_attr("constraints", constraint_values(spec, values))
+    for text, value in constraint_values(spec, values).items():
+        trial.set_constraint(text, value)  # what the sampler reads; <= 0 is feasible
     return values
 
 
