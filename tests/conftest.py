@@ -142,3 +142,30 @@ def write_spec(folder: Path, **sections: Any) -> Path:
 @pytest.fixture
 def classification_spec(tmp_path, tiny_bert, sentiment_csv) -> Path:
     return write_spec(tmp_path, model={"id": str(tiny_bert), "task": "sequence-classification"}, data={"source": str(sentiment_csv)})
+
+
+def plain_peft_test_predictions(best: Path, model_dir: Path, spec_path: Path) -> tuple[list[int], list[int]]:
+    """What a user's fresh process predicts for the test split with plain transformers + PEFT, and what autopeft
+    recorded in ``best/test_predictions.csv``."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from autopeft.data import collate, load_raw, prepare
+    from autopeft.plan import make_plan
+    from autopeft.spec import load_spec
+
+    labels = json.loads((best / "autopeft.json").read_text())["base_model"]["labels"]
+    base = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}
+    )
+    model = PeftModel.from_pretrained(base, best).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    spec = load_spec(spec_path)
+    data = prepare(load_raw(spec, make_plan(spec).registry), tokenizer, spec)
+    with torch.no_grad():
+        inputs = {k: v for k, v in collate(data.test, tokenizer.pad_token_id).items() if k != "labels"}
+        predictions = model(**inputs).logits.argmax(-1).tolist()
+    with open(best / "test_predictions.csv") as handle:
+        recorded = [int(row["prediction"]) for row in csv.DictReader(handle)]
+    return predictions, recorded

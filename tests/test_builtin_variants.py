@@ -13,19 +13,14 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from autopeft import AttachContext
 from autopeft.cli import main
-from autopeft.data import collate, load_raw, prepare
 from autopeft.errors import TrialFailed
 from autopeft.placement import adapter_sites, select_sites
-from autopeft.plan import make_plan
 from autopeft.registry import load_registry
-from autopeft.spec import load_spec
 from autopeft.testing import PEFT_TASK_TYPES, check_variant, tiny_batch, tiny_model
-from conftest import write_spec
+from conftest import plain_peft_test_predictions, write_spec
 
 REGISTRY = load_registry()
 BUILTIN = sorted(name for name, found in REGISTRY.variants.items() if found.source == "built-in")
@@ -220,20 +215,8 @@ def test_a_search_across_several_variants_runs_and_exports_a_loadable_best(tmp_p
     info = json.loads((best / "autopeft.json").read_text())
     assert info["variant"] in variants
     # A user's fresh process: plain transformers + PEFT predict exactly what the search recorded for the test split.
-    labels = info["base_model"]["labels"]
-    base = AutoModelForSequenceClassification.from_pretrained(
-        tiny_bert, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}
-    )
-    model = PeftModel.from_pretrained(base, best).eval()
-    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
-    loaded = load_spec(spec)
-    data = prepare(load_raw(loaded, make_plan(loaded).registry), tokenizer, loaded)
-    with torch.no_grad():
-        inputs = {k: v for k, v in collate(data.test, tokenizer.pad_token_id).items() if k != "labels"}
-        predictions = model(**inputs).logits.argmax(-1).tolist()
-    with open(best / "test_predictions.csv") as handle:
-        assert predictions == [int(row["prediction"]) for row in csv.DictReader(handle)]
-
+    predictions, recorded = plain_peft_test_predictions(best, tiny_bert, spec)
+    assert predictions == recorded
 
 BUILTIN = sorted(name for name, found in load_registry().variants.items() if found.source == "built-in")
 
@@ -250,13 +233,5 @@ def test_every_builtin_variant_runs_in_a_search_and_exports_what_plain_peft_pred
     assert main(["search", str(spec)]) == 0
     best = tmp_path / "run" / "best"
     assert json.loads((best / "autopeft.json").read_text())["variant"] == name
-    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
-    model = PeftModel.from_pretrained(base, best).eval()
-    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
-    loaded = load_spec(spec)
-    data = prepare(load_raw(loaded, make_plan(loaded).registry), tokenizer, loaded)
-    with torch.no_grad():
-        inputs = {k: v for k, v in collate(data.test, tokenizer.pad_token_id).items() if k != "labels"}
-        predictions = model(**inputs).logits.argmax(-1).tolist()
-    with open(best / "test_predictions.csv") as handle:
-        assert predictions == [int(row["prediction"]) for row in csv.DictReader(handle)]
+    predictions, recorded = plain_peft_test_predictions(best, tiny_bert, spec)
+    assert predictions == recorded

@@ -8,16 +8,14 @@ from pathlib import Path
 
 import optuna
 import pytest
-import torch
-from peft import PeftModel
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoTokenizer
 
 from autopeft.cli import main
-from autopeft.data import collate
+from autopeft.data import load_raw, prepare
 from autopeft.plan import make_plan
 from autopeft.rundir import RunDir, open_study
 from autopeft.spec import load_spec
-from conftest import write_spec
+from conftest import plain_peft_test_predictions, write_spec
 
 PLUGIN = Path(__file__).parent / "plugins" / "test_variants.py"
 
@@ -56,24 +54,11 @@ def test_the_exported_adapter_loads_in_plain_peft_with_the_same_predictions(clas
     assert main(["search", str(classification_spec)]) == 0
     best = classification_spec.parent / "run" / "best"
     info = json.loads((best / "autopeft.json").read_text())
-    labels = info["base_model"]["labels"]
-
     # A user's fresh process: base model from its folder, the adapter from best/, nothing from autopeft.
-    base = AutoModelForSequenceClassification.from_pretrained(
-        tiny_bert, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}
-    )
-    model = PeftModel.from_pretrained(base, best).eval()
-    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
-
-    spec = load_spec(classification_spec)
-    from autopeft.data import load_raw, prepare
-
-    data = prepare(load_raw(spec, make_plan(spec).registry), tokenizer, spec)
-    with torch.no_grad():
-        predictions = model(**{k: v for k, v in collate(data.test, tokenizer.pad_token_id).items() if k != "labels"}).logits.argmax(-1).tolist()
-    with open(best / "test_predictions.csv") as handle:
-        recorded = [int(row["prediction"]) for row in csv.DictReader(handle)]
+    predictions, recorded = plain_peft_test_predictions(best, tiny_bert, classification_spec)
     assert predictions == recorded
+    spec = load_spec(classification_spec)
+    data = prepare(load_raw(spec, make_plan(spec).registry), AutoTokenizer.from_pretrained(tiny_bert), spec)
     accuracy = sum(p == e["labels"] for p, e in zip(predictions, data.test)) / len(data.test)
     assert accuracy == pytest.approx(info["test"]["accuracy"])
 
