@@ -29,6 +29,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from rich.console import Console  # noqa: E402
+
+import results_file  # noqa: E402  (benchmarks/results_file.py)
 from safetensors.torch import load_file  # noqa: E402
 
 from autopeft.orchestrators.local import run_search  # noqa: E402
@@ -96,12 +98,11 @@ def main() -> None:
     parser.add_argument("--table", nargs="+", metavar="RESULTS", help="only print the table of these results files")
     args = parser.parse_args()
     if args.table:
-        rows = [json.loads(line) for path in args.table for line in Path(path).read_text().splitlines() if line.strip()]
+        rows = results_file.read(args.table)
         print_table(rows)
         return
     console = Console(quiet=True)
     results = []
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         for dataset in args.datasets:
             for method in args.methods:
@@ -119,9 +120,7 @@ def main() -> None:
                     except Exception as exc:  # a broken method is a result too
                         row = {"dataset": dataset, "method": method, "seed": seed, "error": f"{type(exc).__name__}: {exc}"}
                     results.append(row)
-                    print(json.dumps(row), flush=True)
-                    with open(args.out, "a") as handle:  # one line per run: an interrupted benchmark keeps its results
-                        handle.write(json.dumps(row) + "\n")
+                    results_file.record(row, args.out)
     print_table(results)
 
 

@@ -13,7 +13,6 @@ Prints a markdown table and writes the raw figures to benchmarks/results/pruning
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -22,6 +21,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from rich.console import Console  # noqa: E402
+
+import results_file  # noqa: E402  (benchmarks/results_file.py)
 
 from autopeft.orchestrators.local import run_search  # noqa: E402
 from autopeft.plan import make_plan  # noqa: E402
@@ -92,11 +93,10 @@ def main() -> None:
     parser.add_argument("--table", nargs="+", metavar="RESULTS", help="only print the table of these results files")
     args = parser.parse_args()
     if args.table:
-        print_table([json.loads(line) for path in args.table for line in Path(path).read_text().splitlines() if line.strip()])
+        print_table(results_file.read(args.table))
         return
     console = Console(quiet=True)
     results = []
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         for mode in args.modes:
             for seed in args.seeds:
@@ -116,9 +116,7 @@ def main() -> None:
                 }
                 row["trials"] = args.trials
                 results.append(row)
-                print(json.dumps(row), flush=True)
-                with open(args.out, "a") as handle:  # one line per seed: an interrupted benchmark keeps its results
-                    handle.write(json.dumps(row) + "\n")
+                results_file.record(row, args.out)
     print_table(results)
 
 
