@@ -18,7 +18,8 @@ EXIT_INTERRUPTED = 130
 def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    # No source location (``progress.py:54``) at the end of log lines: it means nothing to a user.
+    return Console(stderr=stderr, highlight=False, log_path=False)
 
 
 def _plan(spec_path: str, output: str | None = None):

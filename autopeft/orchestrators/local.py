@@ -205,7 +205,7 @@ def run_search(plan: Plan, console: Console, n_trials: int | None = None, timeou
         return SearchResult(run_dir, finished_trials(study), None, front)
     export_results(study, plan, workbench, run_dir, best, front, console)
     _write_report(run_dir, console)
-    console.print(best_trials_table(trial_rows(study), spec.metric, spec.direction))
+    console.print(best_trials_table(study, spec))
     console.print(f"Best adapter (trial {best}): {run_dir.best}" + (f"; Pareto front ({len(front)} trials): {run_dir.path / 'pareto'}" if front else ""))
     return SearchResult(run_dir, finished_trials(study), best, front)
 
