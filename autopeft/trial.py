@@ -97,6 +97,8 @@ class Workbench:
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
         self.plan = plan
         spec = plan.spec
+        if spec.training.threads is not None:
+            torch.set_num_threads(spec.training.threads)
         load_message("resolving the model")
         self.resolved: ResolvedModel = resolve_model(spec.model, plan.registry, spec.base_dir)
         self.device = pick_device(spec.model.device)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 
 import optuna
+import pytest
 from rich.console import Console
 
 from autopeft.allocation import sample_allocation
@@ -125,3 +127,88 @@ def test_the_closing_table_agrees_with_best_for_the_default_rule(tmp_path):
     lines = [line for line in _render(best_trials_table(study, spec), width=160) if re.match(r"\s*│?\s*\d+\s", line)]
     assert [int(re.match(r"\s*│?\s*(\d+)", line).group(1)) for line in lines] == [2, 3, 1]
     assert select_best(study, spec) == 2
+
+
+# --------------------------------------------------------------------------------------------------------------
+# autopeft plugins, --version, --threads
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_plugins_prints_a_compact_table_by_default(capsys, monkeypatch):
+    """Catches: the default listing printing every variant's whole search space (about 400 lines)."""
+    monkeypatch.setenv("COLUMNS", "100")
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert len(lines) < 60, len(lines)
+    assert "parameter" not in out and "learning_rate" not in out
+    rows = {line.split("│")[1].strip(): [cell.strip() for cell in line.split("│")[2:-1]] for line in lines if line.count("│") >= 6}
+    assert rows["lora"] == ["variant", "yes", "native", "built-in"]
+    assert rows["increlora"][:3] == ["allocator", "no", "lora"]
+    assert rows["lora-xs"][2] == "lora"
+    assert "models" in out and "corpora" in out and "presets" in out
+
+
+def test_plugins_name_and_details_show_search_spaces(capsys):
+    """Catches: no way left to see a variant's parameters once the default is compact."""
+    assert main(["plugins", "dora"]) == 0
+    one = capsys.readouterr().out
+    assert "dora" in one and "learning_rate" in one and "lora.r" not in one.replace("dora.r", "")
+    assert "models" not in one
+    assert main(["plugins", "--details"]) == 0
+    details = capsys.readouterr().out
+    assert details.count("learning_rate") >= 10 and "increlora" in details
+
+
+def test_plugins_with_an_unknown_name_says_which_exist(capsys):
+    """Catches: an unknown name printing nothing, or a traceback."""
+    assert main(["plugins", "lorra"]) == 2
+    err = capsys.readouterr().err
+    assert "'lorra'" in err and "lora" in err and "Traceback" not in err
+
+
+def test_plugins_json_keeps_every_search_space(capsys):
+    """Catches: --json losing the spaces along with the compact default."""
+    assert main(["plugins", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    lora = next(v for v in listing["variants"] if v["name"] == "lora")
+    assert "learning_rate" in lora["space"] and lora["supports_allocation"] is True and lora["kind"] == "variant"
+
+
+def test_version_flag(capsys):
+    """Catches: a missing --version (argparse would exit 2 asking for a command)."""
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out.strip() == f"autopeft {version('autopeft')}"
+
+
+def test_threads_from_the_command_line_reach_torch_and_the_saved_spec(tmp_path, tiny_bert, sentiment_csv):
+    """Catches: --threads not passed into training.threads, or training.threads not applied with
+    torch.set_num_threads when the model is loaded."""
+    import torch
+    import yaml
+
+    spec = write_spec(tmp_path, model={"id": str(tiny_bert)}, data={"source": str(sentiment_csv)}, search={"n_trials": 1}, training={"max_steps": 2, "batch_size": 8})
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert main(["search", str(spec), "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert yaml.safe_load((tmp_path / "run" / "spec.yaml").read_text())["training"]["threads"] == 2
+    # The thread count is not part of what makes trials comparable: a resume may change it.
+    assert main(["search", str(spec), "--threads", "1", "--n-trials", "1"]) == 0
+
+
+def test_bad_threads_are_refused_with_the_key_and_what_is_allowed(tmp_path, tiny_bert, sentiment_csv, capsys):
+    """Catches: a thread count below 1 accepted (torch would raise deep inside a search)."""
+    spec = write_spec(tmp_path, model={"id": str(tiny_bert)}, data={"source": str(sentiment_csv)}, training={"threads": 0})
+    assert main(["validate", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "training.threads" in err and "0" in err and "greater than or equal to 1" in err
+    with pytest.raises(SystemExit) as exited:
+        main(["search", str(spec), "--threads", "0"])
+    assert exited.value.code == 2 and "a whole number of at least 1" in capsys.readouterr().err
