@@ -21,6 +21,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from autopeft.costs import COST_NAMES
+from autopeft.progress import param_label
 from autopeft.rundir import RunDir, trial_rows
 from autopeft.status import Objective, best_trials, format_params, format_value, objectives, read_study, trial_counts
 
@@ -145,7 +147,7 @@ def _history(section: Section, study: optuna.Study, goals: list[Objective], fold
         name = "history.png" if len(goals) == 1 else f"history-{_slug(goal.name)}.png"
         png = _draw(folder / name, lambda: _integer_x(plot_optimization_history(study, target=_target(goals, index), target_name=goal.name)))
         best_line = "; the line is the best so far" if len(goals) == 1 else ""
-        section.figures.append((png, f"Validation {goal.name} ({goal.direction}) of each complete trial, in the order the trials ran{best_line}."))
+        section.figures.append((png, f"{objective_label(goal).capitalize()} of each complete trial, in the order the trials ran{best_line}."))
 
 
 def _integer_x(ax: Axes) -> Axes:
@@ -155,37 +157,42 @@ def _integer_x(ax: Axes) -> Axes:
     return ax
 
 
+def objective_label(goal: Objective) -> str:
+    """How an objective reads on an axis: ``validation accuracy (maximize)``, ``trainable params (minimize)``."""
+    return f"{_objective_name(goal.name)} ({goal.direction})"
+
+
+def _objective_name(name: str) -> str:
+    # Costs are measured on the adapter, not on the validation split; only the task metric is a validation score.
+    return name.replace("_", " ") if name in COST_NAMES else f"validation {name}"
+
+
 def _pareto(section: Section, study: optuna.Study, goals: list[Objective], folder: Path, spec: Spec) -> None:
+    """The task metric against each cost; the front highlighted and the trial in ``best/`` marked as chosen.
+
+    With one objective the cost is the number of trainable parameters, and the front is the trials no smaller
+    trial beats.
+    """
+    from autopeft.objectives import measured, pareto_front, select_best
+
+    metric = goals[0]
     if len(goals) > 1:
-        _pareto_of_objectives(section, study, goals, folder)
+        costs = goals[1:]
+        values = {t.number: measured(t, spec) for t in _complete(study)}
+        front = pareto_front(study, spec)
     else:
-        _pareto_of_size(section, study, goals[0], folder, spec)
-
-
-def _pareto_of_objectives(section: Section, study: optuna.Study, goals: list[Objective], folder: Path) -> None:
-    from optuna.visualization.matplotlib import plot_pareto_front
-
-    if len(goals) > 3:
-        section.notes.append(f"The study has {len(goals)} objectives; a Pareto front is drawn for 2 or 3.")
+        costs = [Objective("trainable_params", "minimize")]
+        values = {t.number: {metric.name: t.value, "trainable_params": t.user_attrs["trainable_params"]} for t in _complete(study) if t.user_attrs.get("trainable_params")}
+        front = [n for _, _, n in _size_front([(v["trainable_params"], v[metric.name], n) for n, v in values.items()], metric.direction)]
+    if not values:
+        section.notes.append("No trial has completed yet." if len(goals) > 1 else "No complete trial has recorded its number of trainable parameters yet.")
         return
-    if not _complete(study):
-        section.notes.append("No trial has completed yet.")
-        return
-    png = _draw(folder / "pareto.png", lambda: plot_pareto_front(study, target_names=[g.name for g in goals]))
-    names = " and ".join(f"{g.name} ({g.direction})" for g in goals)
-    section.figures.append((png, f"Each complete trial by its objectives, {names}; trials on the Pareto front (no other trial is at least as good on every objective and better on one) are highlighted."))
-
-
-def _pareto_of_size(section: Section, study: optuna.Study, goal: Objective, folder: Path, spec: Spec) -> None:
-    points = [(t.user_attrs["trainable_params"], t.value, t.number) for t in _complete(study) if t.user_attrs.get("trainable_params")]
-    if not points:
-        section.notes.append("No complete trial has recorded its number of trainable parameters yet.")
-        return
-    front = _size_front(points, goal.direction)
-    best = best_trials(study, spec)
-    png = _draw(folder / "pareto.png", lambda: _plot_size_front(points, front, best[0].number if best else None, goal))
-    section.figures.append((png, f"Validation {goal.name} against the number of trainable parameters of each complete trial. "
-                                 f"The line joins the trials no smaller trial beats (trials {', '.join(str(n) for _, _, n in front)}); the star is the best trial."))
+    chosen = select_best(study, spec)
+    png = _draw(folder / "pareto.png", lambda: plot_front(values, metric, costs, front, chosen))
+    against = " and ".join(objective_label(c) for c in costs)
+    marked = f" The star is trial {chosen}, the one chosen for best/ (search.select: {spec.search.select.rule})." if chosen is not None else " No trial meets the constraints, so none is chosen."
+    section.figures.append((png, f"{objective_label(metric).capitalize()} of each complete trial against {against}. "
+                                 f"The Pareto front (trials {', '.join(map(str, front)) or 'none'}) is highlighted: no other trial is at least as good on every objective and better on one.{marked}"))
 
 
 def _size_front(points: list[tuple[int, float, int]], direction: str) -> list[tuple[int, float, int]]:
@@ -198,24 +205,31 @@ def _size_front(points: list[tuple[int, float, int]], direction: str) -> list[tu
     return front
 
 
-def _plot_size_front(points: list[tuple[int, float, int]], front: list[tuple[int, float, int]], best: int | None, goal: Objective) -> MplFigure:
+def plot_front(values: dict[int, dict[str, float]], metric: Objective, costs: list[Objective], front: list[int], chosen: int | None) -> MplFigure:
+    """One panel per cost: the metric of each trial (``{number: {objective: value}}``) against that cost, the
+    front joined, and the chosen trial starred."""
     import matplotlib.pyplot as plt
 
-    figure, ax = plt.subplots(figsize=(7, 4.2))
-    ax.scatter([p[0] for p in points], [p[1] for p in points], color="#9aa5b1", label="complete trial", zorder=2)
-    ax.plot([p[0] for p in front], [p[1] for p in front], "-o", color="#2f6fde", label="Pareto front", zorder=3)
-    for size, value, number in points:
-        ax.annotate(str(number), (size, value), textcoords="offset points", xytext=(5, 4), fontsize=8, color="#333333")
-        if number == best:
-            ax.scatter([size], [value], marker="*", s=260, color="#f2a900", edgecolor="#333333", label="best trial", zorder=4)
-    sizes = [p[0] for p in points]
-    if min(sizes) > 0 and max(sizes) / min(sizes) > 10:
-        ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
-    ax.set_ylabel(f"validation {goal.name}")
-    ax.set_title(f"{goal.name} ({goal.direction}) against adapter size")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+    figure, axes = plt.subplots(1, len(costs), figsize=(7 * len(costs), 4.2), squeeze=False)
+    for ax, cost in zip(axes[0], costs):
+        numbers = [n for n in values if cost.name in values[n] and metric.name in values[n]]
+        xs, ys = [values[n][cost.name] for n in numbers], [values[n][metric.name] for n in numbers]
+        ax.scatter(xs, ys, color="#9aa5b1", label="trial", zorder=2)
+        on_front = sorted((values[n][cost.name], values[n][metric.name]) for n in front if n in numbers)
+        style = "-o" if len(costs) == 1 else "o"  # with several costs a panel shows a projection: no line
+        ax.plot([x for x, _ in on_front], [y for _, y in on_front], style, color="#2f6fde", label="Pareto front", zorder=3)
+        for number, x, y in zip(numbers, xs, ys):
+            ax.annotate(str(number), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8, color="#333333")
+        if chosen in numbers:
+            ax.scatter([values[chosen][cost.name]], [values[chosen][metric.name]], marker="*", s=260, color="#f2a900", edgecolor="#333333", label=f"chosen: trial {chosen} (best/)", zorder=4)
+        if xs and min(xs) > 0 and max(xs) / min(xs) > 10:
+            ax.set_xscale("log")
+        ax.set_xlabel(objective_label(cost))
+        ax.set_ylabel(objective_label(metric))
+        ax.set_title(f"{_objective_name(metric.name)} against {_objective_name(cost.name)}")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+    figure.tight_layout()
     return figure
 
 
@@ -364,7 +378,7 @@ def _summary(run_dir: RunDir, spec: Spec, study: optuna.Study, goals: list[Objec
         ("Data", source),
         ("Variants", ", ".join(spec.search.variants) + (f" (preset {spec.search.preset})" if spec.search.preset else "")),
         ("Search", f"{spec.search.sampler} sampler, seed {spec.search.seed}; {spec.training.max_steps} training steps per trial"),
-        ("Objectives" if len(goals) > 1 else "Objective", ", ".join(f"{g.direction} validation {g.name}" for g in goals)),
+        ("Objectives" if len(goals) > 1 else "Objective", ", ".join(f"{g.direction} {_objective_name(g.name)}" for g in goals)),
         ("Trials", f"{finished} of {spec.search.n_trials} finished: {counts['complete']} complete, {counts['pruned']} pruned, "
                    f"{counts['failed']} failed; {counts['running']} running, {counts['waiting']} waiting"
                    + (f", {counts['interrupted']} interrupted" if counts["interrupted"] else "")),
@@ -400,21 +414,34 @@ def _exported_block(info: dict[str, Any] | None) -> str:
     return "<h3>Exported adapter</h3>" + intro + _table(["metric", "validation", "test"], rows)
 
 
+def _trial_columns(rows: list[dict[str, Any]], metric: str) -> list[str]:
+    """Columns as a reader compares trials: which trial, how it scored, what it cost, then what was tried."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    leading, closing = ["number", "state", "variant"], ["steps", "seconds"]
+    metrics = sorted((c for c in columns if c.startswith("val_")), key=lambda c: (c != f"val_{metric}", c))
+    params = sorted(c for c in columns if c.startswith("param_"))
+    costs = sorted((c for c in columns if c not in {*leading, *closing, *metrics, *params, "failure_reason"}), key=lambda c: (c != "trainable_params", c))
+    return leading + metrics + costs + [c for c in closing if c in columns] + params + [c for c in ("failure_reason",) if c in columns]
+
+
+def _column_header(column: str) -> str:
+    if column.startswith("param_"):
+        return param_label(column.removeprefix("param_"))
+    if column.startswith("val_"):
+        return "val. " + column.removeprefix("val_").replace("_", " ")
+    return column.replace("_", " ")
+
+
 def _trials_table(study: optuna.Study, goals: list[Objective], spec: Spec) -> Section:
     rows = trial_rows(study)
     section = Section("trials", "All trials", intro="Every trial of the study, as in trials.csv. Failed trials give their reason; their tracebacks are in logs/.")
     if not rows:
         section.notes.append("The study holds no trial yet.")
         return section
-    columns: list[str] = []
-    for row in rows:
-        columns += [c for c in row if c not in columns]
-    leading, trailing = ["number", "state", "variant"], ["trainable_params", "steps", "seconds", "failure_reason"]
-    middle = [c for c in columns if c not in leading + trailing]
-    # Grouped as a reader compares trials: what was tried, how it scored, what else was measured.
-    columns = leading + sorted(middle, key=lambda c: (0 if c.startswith("param_") else 1 if c.startswith("val_") else 2, c)) + trailing
+    columns = _trial_columns(rows, goals[0].name)
     best = {t.number for t in best_trials(study, spec)}
-    header = [c.removeprefix("param_").replace("val_", "val. ").replace("_", " ") for c in columns]
     lines = []
     for row in rows:
         if row["state"] == "FAIL" and not row.get("failure_reason"):
@@ -422,7 +449,7 @@ def _trials_table(study: optuna.Study, goals: list[Objective], spec: Spec) -> Se
         classes = f"state-{row['state'].lower()}" + (" best" if row["number"] in best else "")
         cells = "".join(f"<td>{html.escape(format_value(row.get(c)) if row.get(c) is not None else '')}</td>" for c in columns)
         lines.append(f"<tr class='{classes}'>{cells}</tr>")
-    heads = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    heads = "".join(f"<th>{html.escape(_column_header(c))}</th>" for c in columns)
     section.body = f"<div class='scroll'><table class='trials'><thead><tr>{heads}</tr></thead><tbody>{''.join(lines)}</tbody></table></div>"
     if best:
         section.notes.append("Highlighted rows are the best trial" + ("s (Pareto-optimal)." if len(goals) > 1 else "."))

@@ -227,7 +227,7 @@ def test_a_multi_objective_study_gets_its_pareto_front_and_a_history_per_objecti
     page = (multi_objective_run / "report.html").read_text()
     figures = {p.name for p in (multi_objective_run / "report").glob("*.png")}
     assert {"pareto.png", "history-accuracy.png", "history-trainable-params.png", "importances.png"} <= figures
-    assert "maximize validation accuracy, minimize validation trainable_params" in page
+    assert "maximize validation accuracy, minimize trainable params" in page
     assert "Pareto-optimal trials (3)" in page
     assert "There is no exported adapter yet" in page
     assert "No trial has reported intermediate values" in page
@@ -321,3 +321,73 @@ def test_the_dashboard_says_how_to_install_it_when_it_is_missing(lora_run, monke
     monkeypatch.setitem(sys.modules, "optuna_dashboard", None)  # makes `import optuna_dashboard` fail
     assert main(["dashboard", str(lora_run), "--port", "0"]) == 2
     assert "optuna-dashboard is not installed: pip install optuna-dashboard" in capsys.readouterr().err
+
+
+def _drawn_figures(monkeypatch) -> dict:
+    """Capture every figure the report draws, by file name (the PNGs hold no text to check)."""
+    import autopeft.report as report
+
+    drawn, original = {}, report._draw
+
+    def spy(path, plot):
+        def keep():
+            figure = plot()
+            drawn[path.name] = figure if hasattr(figure, "savefig") else figure.figure
+            return figure
+
+        return original(path, keep)
+
+    monkeypatch.setattr(report, "_draw", spy)
+    return drawn
+
+
+def _legend_and_star(figure) -> tuple[list[str], list[tuple[float, float]]]:
+    [ax] = figure.axes
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    stars = [tuple(c.get_offsets()[0]) for c in ax.collections if str(c.get_label()).startswith("chosen")]
+    return labels, stars
+
+
+def test_the_pareto_plot_marks_the_chosen_trial_and_names_costs_as_costs(multi_objective_run, monkeypatch):
+    """Catches: Optuna's plot (every front point labelled "Best Trial"), a star on the best metric instead of the
+    trial search.select puts in best/, and cost axes called "validation trainable_params"."""
+    drawn = _drawn_figures(monkeypatch)
+    write_report(RunDir(multi_objective_run))
+    figure = drawn["pareto.png"]
+    labels, stars = _legend_and_star(figure)
+    assert "Best Trial" not in labels and "chosen: trial 3 (best/)" in labels and "Pareto front" in labels
+    assert stars == [(16000, 0.8)]
+    [ax] = figure.axes
+    assert ax.get_xlabel() == "trainable params (minimize)" and ax.get_ylabel() == "validation accuracy (maximize)"
+    page = (multi_objective_run / "report.html").read_text()
+    assert "The star is trial 3, the one chosen for best/" in page and "validation trainable" not in page
+
+    # best/ chosen by another rule: the star follows it (trial 1 is the smallest within 0.15 of the best).
+    spec = yaml.safe_load((multi_objective_run / "spec.yaml").read_text())
+    spec["search"]["select"] = {"rule": "smallest-within", "tolerance": 0.15}
+    (multi_objective_run / "spec.yaml").write_text(yaml.safe_dump(spec))
+    write_report(RunDir(multi_objective_run))
+    labels, stars = _legend_and_star(drawn["pareto.png"])
+    assert "chosen: trial 1 (best/)" in labels and stars == [(4000, 0.7)]
+
+
+def test_the_single_objective_size_plot_stars_the_trial_in_best(lora_run, monkeypatch):
+    """Catches: a star that is not the trial best/ holds."""
+    drawn = _drawn_figures(monkeypatch)
+    write_report(RunDir(lora_run))
+    info = json.loads((lora_run / "best" / "autopeft.json").read_text())
+    labels, stars = _legend_and_star(drawn["pareto.png"])
+    assert f"chosen: trial {info['trial']} (best/)" in labels
+    assert stars == [(info["trainable_params"], info["validation"]["accuracy"])]
+
+
+def test_the_trials_table_leads_with_the_metric_then_costs_then_parameters(lora_run):
+    """Catches: parameter columns sorted first and the metric pushed to the far right."""
+    write_report(RunDir(lora_run))
+    page = (lora_run / "report.html").read_text()
+    table = page.split("<section id='trials'>")[1].split("</thead>")[0]
+    headers = re.findall(r"<th>([^<]*)</th>", table)
+    assert headers[:4] == ["number", "state", "variant", "val. accuracy"]
+    assert headers.index("trainable params") < headers.index("lr") < headers.index("failure reason")
+    assert headers.index("seconds") < headers.index("lr") and headers[-1] == "failure reason"
+    assert not any(h.startswith("param") for h in headers)
