@@ -203,6 +203,8 @@ class PreparedData:
     test: list[dict[str, Any]]
     label_names: list[str] | None
     """Class names in label-id order (classification only)."""
+    test_texts: list[str] | None = None
+    """The raw text of each test example, in order (classification only: ``test_predictions.csv`` shows it)."""
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
@@ -250,7 +252,8 @@ def prepare(raw: datasets.DatasetDict, tokenizer: PreTrainedTokenizerBase, spec:
         for split, dataset in raw.items()
     }
     # Plain lists: trials index rows at random many times, which is much faster than Arrow row access.
-    return PreparedData(tokenized["train"].to_list(), tokenized["validation"].to_list(), tokenized["test"].to_list(), names)
+    texts = [str(t) for t in raw["test"][data.text_column]] if names is not None else None
+    return PreparedData(tokenized["train"].to_list(), tokenized["validation"].to_list(), tokenized["test"].to_list(), names, texts)
 
 
 def _encode_causal(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, spec: Spec) -> dict[str, list]:

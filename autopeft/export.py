@@ -100,9 +100,13 @@ def export_adapter(workbench: Workbench, adapter_dir: Path, out_dir: Path, recor
     if test.predictions is not None:
         with open(staging / "test_predictions.csv", "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["index", "label", "prediction"])
-            for i, (example, predicted) in enumerate(zip(workbench.data.test, test.predictions)):
-                writer.writerow([i, example["labels"], predicted])
+            # Readable on its own: the text (cut to 200 characters) and label names, with the class ids after them.
+            names, longest = workbench.data.label_names, 200
+            texts = workbench.data.test_texts or [""] * len(test.predictions)
+            writer.writerow(["index", "text", "label", "prediction", "label_id", "prediction_id"])
+            for i, (example, text, predicted) in enumerate(zip(workbench.data.test, texts, test.predictions)):
+                shown = text if len(text) <= longest else text[: longest - 1] + "…"
+                writer.writerow([i, shown, names[example["labels"]], names[predicted], example["labels"], predicted])
     (staging / "README.md").write_text(model_card(info, config))
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)

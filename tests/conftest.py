@@ -167,5 +167,5 @@ def plain_peft_test_predictions(best: Path, model_dir: Path, spec_path: Path) ->
         inputs = {k: v for k, v in collate(data.test, tokenizer.pad_token_id).items() if k != "labels"}
         predictions = model(**inputs).logits.argmax(-1).tolist()
     with open(best / "test_predictions.csv") as handle:
-        recorded = [int(row["prediction"]) for row in csv.DictReader(handle)]
+        recorded = [int(row["prediction_id"]) for row in csv.DictReader(handle)]
     return predictions, recorded
