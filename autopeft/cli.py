@@ -264,12 +264,17 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``autopeft`` console script."""
     from autopeft.errors import AutoPeftError
 
+    for stream in (sys.stdout, sys.stderr):
+        # A path or value the terminal's encoding cannot show is printed escaped, not raised as a traceback.
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except AutoPeftError as exc:
         from rich.markup import escape
 
+        # Messages are already one readable line per problem (values cut and escaped by autopeft.errors).
         _console(stderr=True).print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         return EXIT_USAGE
     except KeyboardInterrupt:

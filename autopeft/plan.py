@@ -7,19 +7,19 @@ column not in the data, unknown metric) and reports all problems at once. ``auto
 from __future__ import annotations
 
 import importlib.util
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import Any, Callable
 
 from autopeft.costs import COST_NAMES
 from autopeft.data import check_columns, check_source
-from autopeft.errors import SpecError, SpecErrors
+from autopeft.errors import AutoPeftError, SpecError, SpecErrors, shorten
 from autopeft.models import looks_like_local_path
 from autopeft.registry import Registry, load_registry
 from autopeft.space import SHARED_PARAMS, Param, override, qualified_name
-from autopeft.spec import METRICS, Spec
+from autopeft.spec import METRICS, Spec, load_yaml, non_finite_numbers
 
 PRESET_FOLDER = Path(importlib.util.find_spec("autopeft.search_spaces").submodule_search_locations[0])
 
@@ -37,17 +37,35 @@ def preset_names() -> list[str]:
 
 
 def load_preset(spec: Spec) -> dict[str, Any]:
-    """The preset a spec names: a file in ``search_spaces/`` by name, or a YAML file by path."""
+    """The preset a spec names: a file in ``search_spaces/`` by name, or a YAML file by path.
+
+    Returns ``{"summary": str, "variants": [str], "space": {param: override}}`` (keys may be absent). Raises
+    :class:`SpecError` naming the preset file and key when the preset is not of that shape.
+    """
     name = spec.search.preset
     path = PRESET_FOLDER / f"{name}.yaml"
     if not path.is_file():
         path = spec.resolve_path(name)
     if not path.is_file():
         raise SpecError(str(spec.path), "search.preset", name, f"no such preset or file; presets: {', '.join(preset_names())}")
-    preset = yaml.safe_load(path.read_text()) or {}
-    unknown = set(preset) - {"summary", "variants", "space"}
+    file = str(path)
+    preset = load_yaml(path)
+    if preset is None:
+        return {}
+    if not isinstance(preset, dict):
+        raise SpecError(file, "(top level)", preset, "a preset is a mapping with keys summary, variants and space")
+    non_finite = [SpecError(file, key, value, "numbers must be finite (no .nan or .inf)") for key, value in non_finite_numbers(preset)]
+    if non_finite:
+        raise SpecErrors(non_finite)
+    unknown = sorted(str(k) for k in preset if k not in ("summary", "variants", "space"))
     if unknown:
-        raise SpecError(str(path), sorted(unknown)[0], preset[sorted(unknown)[0]], "unknown key; a preset has summary, variants and space")
+        raise SpecError(file, unknown[0], preset[next(k for k in preset if str(k) == unknown[0])], "unknown key; a preset has summary, variants and space")
+    variants = preset.get("variants")
+    if variants is not None and not (isinstance(variants, list) and variants and all(isinstance(v, str) for v in variants)):
+        raise SpecError(file, "variants", variants, "a non-empty list of variant names")
+    space = preset.get("space")
+    if space is not None and not (isinstance(space, dict) and all(isinstance(k, str) for k in space)):
+        raise SpecError(file, "space", space, "a mapping {parameter: override}, as search.space in a spec")
     return preset
 
 
@@ -98,48 +116,161 @@ def _check_objectives(spec: Spec) -> list[SpecError]:
     return errors
 
 
+def _checked(errors: list[SpecError], file: str, key: str, value: Any, check: Callable[[], Any]) -> Any:
+    """Run one check and return its result; whatever it raises becomes an entry of ``errors`` at ``key``.
+
+    A check that fails on a value nobody foresaw (an OSError on a strange path, a plugin that misbehaves)
+    must still end in a message naming the key, never in a traceback. Returns None when the check raised.
+    """
+    try:
+        return check()
+    except SpecErrors as exc:
+        errors.extend(exc.errors)
+    except SpecError as exc:
+        errors.append(exc)
+    except AutoPeftError as exc:
+        errors.append(SpecError(file, key, value, str(exc)))
+    except Exception as exc:  # the safety net: report it against the key being checked
+        errors.append(SpecError(file, key, value, f"cannot be checked ({type(exc).__name__}: {shorten(str(exc))})"))
+    return None
+
+
+def _plugin_paths(spec: Spec, errors: list[SpecError]) -> list[str]:
+    """The spec's plugin paths that can be imported: ``.py`` files and package folders (with ``__init__.py``)."""
+    file = str(spec.path)
+    usable = []
+    for i, (given, path) in enumerate(zip(spec.plugins, spec.plugin_paths())):
+        where = Path(path)
+        if not where.exists():
+            errors.append(SpecError(file, f"plugins[{i}]", given, "no such plugin file or folder"))
+        elif where.is_dir() and not (where / "__init__.py").is_file():
+            errors.append(SpecError(file, f"plugins[{i}]", given, "a folder without __init__.py; list a .py file or a package folder"))
+        elif not where.is_dir() and not (where.is_file() and where.suffix == ".py"):
+            errors.append(SpecError(file, f"plugins[{i}]", given, "not a Python plugin; list a .py file or a package folder (with __init__.py)"))
+        else:
+            usable.append(path)
+    return usable
+
+
+def _check_output(spec: Spec) -> list[SpecError]:
+    """The run folder must be a folder autopeft can create or write in: its nearest existing ancestor (or itself)
+    must be a folder that accepts a new entry. Tried by creating and removing an empty folder, which works
+    whoever runs it (permissions, read-only mounts, root)."""
+    file = str(spec.path)
+    folder = spec.run_dir
+    value = spec.output.dir if spec.output.dir is not None else str(folder)
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "it" if existing == folder.absolute() else str(existing)
+        return [SpecError(file, "output.dir", value, f"{where} is a file, not a folder; give a folder path for the run")]
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".autopeft-write-check-", dir=existing))
+    except OSError as exc:
+        return [SpecError(file, "output.dir", value, f"cannot write in {existing} ({exc.strerror or type(exc).__name__}); give a writable folder")]
+    return []
+
+
+def _local_model_config(spec: Spec, registry: Registry) -> Path | None:
+    """The model's config.json when it is on this machine (a local folder, the Hugging Face cache or a plugin's
+    packaged model), found without loading weights and without the network; None otherwise."""
+    local = spec.resolve_path(spec.model.id)
+    if local.is_dir():
+        return local / "config.json" if (local / "config.json").is_file() else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(spec.model.id, "config.json", revision=spec.model.revision)
+        if isinstance(cached, str):
+            return Path(cached)
+    except Exception:  # not a valid hub id, or no cache: other places may still have it
+        pass
+    for found in registry.model_sources:
+        if found.item.model_id == spec.model.id:
+            folder = found.item.locate()
+            if folder is not None and (Path(folder) / "config.json").is_file():
+                return Path(folder) / "config.json"
+    return None
+
+
+def _check_task_head(spec: Spec, registry: Registry) -> list[SpecError]:
+    """``task: causal-lm`` needs a model with a causal-LM head; an encoder such as BERT would train a "language
+    model" that sees the words it predicts. Checked from config.json alone, when it is on this machine."""
+    if spec.model.task != "causal-lm":
+        return []
+    config_file = _local_model_config(spec, registry)
+    if config_file is None:
+        return []
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    file = str(spec.path)
+    try:
+        config = AutoConfig.from_pretrained(config_file.parent, trust_remote_code=False)
+    except Exception as exc:
+        if spec.model.trust_remote_code:
+            return []  # its configuration is code; running it is for the search, not for validation
+        return [SpecError(file, "model.id", spec.model.id, f"its config.json cannot be read ({type(exc).__name__}: {shorten(str(exc))})")]
+    head_classes = {c for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for c in ((names,) if isinstance(names, str) else names)}
+    architectures = list(getattr(config, "architectures", None) or [])
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        reason = f"transformers has no causal-LM head for its model type {config.model_type!r}"
+    elif architectures and not set(architectures) & head_classes and not getattr(config, "is_decoder", False):
+        reason = f"it is a {config.model_type} encoder ({', '.join(architectures)}), not a causal language model"
+    else:
+        return []
+    return [SpecError(file, "model.task", "causal-lm", f"model {spec.model.id!r}: {reason}; use a decoder model (e.g. Llama, GPT-2, Qwen) or task sequence-classification")]
+
+
 def make_plan(spec: Spec) -> Plan:
-    """Check the spec against plugins, presets and data headers. Raises :class:`SpecErrors` with every problem."""
+    """Check the spec against plugins, presets, data headers, the model's config and the output folder.
+
+    Raises :class:`SpecErrors` with every problem; any exception a check raises becomes one of them.
+    """
     file = str(spec.path)
     errors: list[SpecError] = []
-    for i, path in enumerate(spec.plugin_paths()):
-        if not Path(path).exists():
-            errors.append(SpecError(file, f"plugins[{i}]", spec.plugins[i], "no such plugin file or folder"))
-    registry = load_registry(tuple(p for p in spec.plugin_paths() if Path(p).exists()))
+    plugin_paths = _checked(errors, file, "plugins", spec.plugins, lambda: _plugin_paths(spec, errors)) or []
+    registry = load_registry(tuple(plugin_paths))
+    for i, (given, path) in enumerate(zip(spec.plugins, spec.plugin_paths())):
+        # The spec asks for this plugin by name: a broken one is an error here, not only a line in `plugins`.
+        errors += [SpecError(file, f"plugins[{i}]", given, f"the plugin is broken: {b.reason}") for b in registry.broken if b.source == path]
 
     variants = list(spec.search.variants)
     overrides: dict[str, Any] = {}
     if spec.search.preset:
-        try:
-            preset = load_preset(spec)
-            if "variants" not in spec.search.model_fields_set and preset.get("variants"):
-                variants = list(preset["variants"])
-            overrides.update(preset.get("space") or {})
-        except SpecError as exc:
-            errors.append(exc)
+        preset = _checked(errors, file, "search.preset", spec.search.preset, lambda: load_preset(spec)) or {}
+        if "variants" not in spec.search.model_fields_set and preset.get("variants"):
+            variants = list(preset["variants"])
+        overrides.update(preset.get("space") or {})
     overrides.update(spec.search.space)
 
     known = [v for v in variants if v in registry.variants]
     for i, name in enumerate(variants):
         if name not in registry.variants:
-            broken = [b.reason for b in registry.broken if name in b.reason or b.plugin == name]
-            hint = f" (a plugin that may provide it is broken: {broken[0]})" if broken else ""
+            broken = [b for b in registry.broken if name in b.reason or b.plugin == name]
+            hint = f" (plugin {broken[0].plugin} from {broken[0].source}, which may provide it, is broken: {broken[0].reason})" if broken else ""
             errors.append(SpecError(file, f"search.variants[{i}]", name, f"unknown variant; available: {', '.join(sorted(registry.variants))}{hint}"))
     if len(set(variants)) != len(variants):
         errors.append(SpecError(file, "search.variants", variants, "each variant may be listed once"))
-    spaces = _build_spaces(spec, registry, known, overrides, errors) if known else {}
+    spaces = (_checked(errors, file, "search.space", spec.search.space, lambda: _build_spaces(spec, registry, known, overrides, errors)) or {}) if known else {}
     if spec.search.allocation is not None:
         for i, name in enumerate(variants):
             if name in known and not registry.variant(name).supports_module_ranks:
                 capable = ", ".join(sorted(n for n, f in registry.variants.items() if f.item.supports_module_ranks))
                 errors.append(SpecError(file, f"search.variants[{i}]", name, f"cannot take per-module ranks from search.allocation; variants that can: {capable}"))
 
-    errors += _check_objectives(spec)
-    if looks_like_local_path(spec.model.id) and not spec.resolve_path(spec.model.id).is_dir():
+    errors += _checked(errors, file, "search", None, lambda: _check_objectives(spec)) or []
+    if _checked(errors, file, "model.id", spec.model.id, lambda: looks_like_local_path(spec.model.id) and not spec.resolve_path(spec.model.id).is_dir()):
         errors.append(SpecError(file, "model.id", spec.model.id, "looks like a local folder but does not exist; give an existing folder or a hub id"))
+    errors += _checked(errors, file, "model.task", spec.model.task, lambda: _check_task_head(spec, registry)) or []
 
-    source_errors = check_source(spec, registry)
-    errors += source_errors or check_columns(spec, registry)
+    source_errors = _checked(errors, file, "data.source", spec.data.source, lambda: check_source(spec, registry))
+    if source_errors == []:
+        errors += _checked(errors, file, "data.source", spec.data.source, lambda: check_columns(spec, registry)) or []
+    else:
+        errors += source_errors or []
+    errors += _checked(errors, file, "output.dir", spec.output.dir, lambda: _check_output(spec)) or []
     if errors:
         raise SpecErrors(errors)
     return Plan(spec, registry, spaces)

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pluggy
 
 from autopeft import hookspecs
+from autopeft.errors import shorten, show
 from autopeft.hookspecs import Corpus, ModelSource, Variant
 from autopeft.space import check_space
 
@@ -75,8 +76,8 @@ def _import_path(path: Path) -> Any:
 def _call(registry: Registry, hook: str, plugin: str, source: str, impl: Any) -> list[Any]:
     try:
         result = impl.function()
-    except Exception as exc:  # a plugin's bug must not stop the others
-        registry.broken.append(BrokenPlugin(plugin, source, f"{hook}() raised {type(exc).__name__}: {exc}"))
+    except (Exception, SystemExit) as exc:  # a plugin's bug (even sys.exit) must not stop the others
+        registry.broken.append(BrokenPlugin(plugin, source, f"{hook}() raised {type(exc).__name__}: {shorten(str(exc))}"))
         return []
     if result is None:
         return []
@@ -88,18 +89,58 @@ def _call(registry: Registry, hook: str, plugin: str, source: str, impl: Any) ->
 
 def _variant_problems(variant: Any) -> list[str]:
     if not isinstance(variant, Variant):
-        return [f"{variant!r} is not an autopeft.Variant"]
-    if not variant.name or not isinstance(variant.name, str):
-        return [f"{type(variant).__name__} has no name"]
+        return [f"{show(variant)} is not an autopeft.Variant"]
+    if not isinstance(variant.name, str) or not variant.name:
+        return [f"{type(variant).__name__} has no name (a non-empty string)"]
     if variant.export_format not in ("native", "lora", "merged"):
-        return [f"export_format {variant.export_format!r} is not one of native, lora, merged"]
+        return [f"export_format {show(variant.export_format)} is not one of native, lora, merged"]
     try:
         space = variant.search_space()
     except Exception as exc:
-        return [f"search_space() raised {type(exc).__name__}: {exc}"]
+        return [f"search_space() raised {type(exc).__name__}: {shorten(str(exc))}"]
     if not isinstance(space, dict) or not space:
         return ["search_space() must return a non-empty dict of parameters"]
     return check_space(space)
+
+
+def _model_source_problems(model_source: Any) -> list[str]:
+    if not isinstance(model_source, ModelSource):
+        return [f"{show(model_source)} is not a ModelSource"]
+    if not isinstance(model_source.model_id, str) or not model_source.model_id:
+        return [f"model_id {show(model_source.model_id)} is not a non-empty string"]
+    if not callable(model_source.locate):
+        return [f"model source {model_source.model_id!r}: locate {show(model_source.locate)} is not callable"]
+    return []
+
+
+def _corpus_problems(corpus: Any) -> list[str]:
+    if not isinstance(corpus, Corpus):
+        return [f"{show(corpus)} is not a Corpus"]
+    if not isinstance(corpus.name, str) or not corpus.name:
+        return [f"corpus name {show(corpus.name)} is not a non-empty string"]
+    problems = []
+    if corpus.task not in hookspecs.TASKS:
+        problems.append(f"task {show(corpus.task)} is not one of {', '.join(hookspecs.TASKS)}")
+    if not isinstance(corpus.columns, (list, tuple)) or not all(isinstance(c, str) for c in corpus.columns):
+        problems.append(f"columns {show(corpus.columns)} is not a tuple of column names")
+    if not callable(corpus.load):
+        problems.append(f"load {show(corpus.load)} is not callable")
+    return [f"corpus {corpus.name!r}: {p}" for p in problems]
+
+
+def _checked(check: Callable[[Any], list[str]], item: Any) -> list[str]:
+    """``check(item)``, with any exception it raises on a malformed declaration turned into a problem."""
+    try:
+        return check(item)
+    except Exception as exc:  # a declaration can be malformed in ways no check foresees
+        return [f"checking {show(item)} raised {type(exc).__name__}: {shorten(str(exc))}"]
+
+
+def _name_of(variant: Any) -> Any:
+    try:
+        return variant.name
+    except Exception:  # a broken property; the reason is already among the problems
+        return "?"
 
 
 def _collect(registry: Registry, pm: pluggy.PluginManager, plugin: Any, plugin_name: str, source: str) -> None:
@@ -108,30 +149,30 @@ def _collect(registry: Registry, pm: pluggy.PluginManager, plugin: Any, plugin_n
         if impl.plugin is not plugin:
             continue
         for variant in _call(registry, "autopeft_variants", plugin_name, source, impl):
-            problems = _variant_problems(variant)
-            name = getattr(variant, "name", "?")
+            problems = _checked(_variant_problems, variant)
+            name = _name_of(variant)
             if not problems and name in registry.variants:
                 problems = [f"variant name {name!r} is already provided by {registry.variants[name].source}"]
             if problems:
-                registry.broken.append(BrokenPlugin(plugin_name, source, f"variant {name!r}: " + "; ".join(problems)))
+                registry.broken.append(BrokenPlugin(plugin_name, source, f"variant {show(name)}: " + "; ".join(problems)))
             else:
                 registry.variants[name] = Found(variant, plugin_name, source)
     for impl in hooks.autopeft_model_sources.get_hookimpls():
         if impl.plugin is plugin:
             for model_source in _call(registry, "autopeft_model_sources", plugin_name, source, impl):
-                if isinstance(model_source, ModelSource):
-                    registry.model_sources.append(Found(model_source, plugin_name, source))
+                problems = _checked(_model_source_problems, model_source)
+                if problems:
+                    registry.broken.append(BrokenPlugin(plugin_name, source, "; ".join(problems)))
                 else:
-                    registry.broken.append(BrokenPlugin(plugin_name, source, f"{model_source!r} is not a ModelSource"))
+                    registry.model_sources.append(Found(model_source, plugin_name, source))
     for impl in hooks.autopeft_corpora.get_hookimpls():
         if impl.plugin is plugin:
             for corpus in _call(registry, "autopeft_corpora", plugin_name, source, impl):
-                if not isinstance(corpus, Corpus):
-                    registry.broken.append(BrokenPlugin(plugin_name, source, f"{corpus!r} is not a Corpus"))
-                elif corpus.name in registry.corpora:
-                    registry.broken.append(
-                        BrokenPlugin(plugin_name, source, f"corpus {corpus.name!r} is already provided by {registry.corpora[corpus.name].source}")
-                    )
+                problems = _checked(_corpus_problems, corpus)
+                if not problems and corpus.name in registry.corpora:
+                    problems = [f"corpus {corpus.name!r} is already provided by {registry.corpora[corpus.name].source}"]
+                if problems:
+                    registry.broken.append(BrokenPlugin(plugin_name, source, "; ".join(problems)))
                 else:
                     registry.corpora[corpus.name] = Found(corpus, plugin_name, source)
 
@@ -159,8 +200,8 @@ def load_registry(extra_paths: tuple[str, ...] = ()) -> Registry:
         try:
             plugin = load()
             pm.register(plugin, name=f"{source}:{plugin_name}")
-        except Exception as exc:
-            registry.broken.append(BrokenPlugin(plugin_name, source, f"failed to load: {type(exc).__name__}: {exc}"))
+        except (Exception, SystemExit) as exc:  # an import that fails (or exits) must not stop the others
+            registry.broken.append(BrokenPlugin(plugin_name, source, f"failed to load: {type(exc).__name__}: {shorten(str(exc))}"))
             continue
         _collect(registry, pm, plugin, plugin_name, source)
     return registry

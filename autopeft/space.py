@@ -9,8 +9,12 @@ Ray Tune's Optuna searcher alike.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+from autopeft.errors import show
 
 if TYPE_CHECKING:
     import optuna
@@ -19,8 +23,97 @@ Scalar = Union[bool, int, float, str, None]
 
 
 @dataclass(frozen=True)
+class Bounds:
+    """The values a parameter can take at all (a rank >= 1, a dropout in [0, 1)), whatever range a variant
+    declares or a spec narrows it to. ``None`` leaves a side unbounded; ``*_open`` excludes the end itself."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or not (value > self.high or (self.high_open and value == self.high))
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return "of any size"
+
+
+RANK = Bounds(1)
+"""Ranks, and counts of things such as vectors or frequencies: at least 1."""
+POSITIVE = Bounds(0, low_open=True)
+"""Learning rates, scales and other strictly positive reals."""
+PROBABILITY = Bounds(0, 1, high_open=True)
+"""Dropout rates: 0 included, 1 (everything dropped) not."""
+FRACTION = Bounds(0, 1)
+"""Fractions of steps or modules."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """An int or a finite float (bools are not numbers here, and NaN or infinity breaks every sampler)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, str)) or _is_number(value)
+
+
+def _common_problems(param: Any) -> list[str]:
+    """Problems of the fields every parameter has: ``help``, ``condition`` and ``legal``."""
+    out = []
+    if not isinstance(param.help, str):
+        out.append(f"help {show(param.help)} is not a string")
+    condition = param.condition
+    if not isinstance(condition, Mapping):
+        out.append(f"condition {show(condition)} is not a mapping {{parameter: [values]}}")
+    else:
+        for other, allowed in condition.items():
+            if not isinstance(other, str):
+                out.append(f"condition names {show(other)}, not a parameter name")
+            elif not isinstance(allowed, (list, tuple)) or not all(_is_scalar(v) for v in allowed):
+                out.append(f"condition on {other!r} is {show(allowed)}, not a list of values")
+    legal = getattr(param, "legal", None)
+    if legal is not None and not (
+        isinstance(legal, Bounds) and all(end is None or _is_number(end) for end in (legal.low, legal.high))
+    ):
+        out.append(f"legal {show(legal)} is not an autopeft.space.Bounds of numbers")
+    return out
+
+
+def _range_problems(param: IntParam | FloatParam, legal: Bounds) -> list[str]:
+    """Problems of ``low``, ``high`` and ``default`` once they are known to be numbers."""
+    out = []
+    if param.low > param.high:
+        out.append(f"low {param.low} is above high {param.high}")
+    if not param.low <= param.default <= param.high:
+        out.append(f"default {param.default} is outside [{param.low}, {param.high}]")
+    for name in ("low", "high", "default"):
+        value = getattr(param, name)
+        if value not in legal:
+            out.append(f"{name} {value} is not {legal} (what this parameter can take at all)")
+    return out
+
+
+@dataclass(frozen=True)
 class IntParam:
-    """An integer in ``[low, high]``, optionally on a log scale or with a step."""
+    """An integer in ``[low, high]``, optionally on a log scale or with a step.
+
+    ``legal`` bounds what any spec may set it to (e.g. :data:`RANK`); a log-scale integer is always >= 1.
+    """
 
     low: int
     high: int
@@ -29,18 +122,27 @@ class IntParam:
     step: int = 1
     help: str = ""
     condition: dict[str, list[Scalar]] = field(default_factory=dict)
+    legal: Optional[Bounds] = None
+
+    @property
+    def bounds(self) -> Bounds:
+        """What this parameter can take at all: ``legal``, else >= 1 on a log scale, else any integer."""
+        return self.legal or (RANK if self.log is True else Bounds())
 
     def problems(self) -> list[str]:
-        out = []
-        if self.low > self.high:
-            out.append(f"low {self.low} is above high {self.high}")
+        out = [f"{name} {show(getattr(self, name))} is not an integer" for name in ("low", "high", "default") if not _is_int(getattr(self, name))]
+        if not isinstance(self.log, bool):
+            out.append(f"log {show(self.log)} is not true or false")
+        if not _is_int(self.step) or self.step < 1:
+            out.append(f"step {show(self.step)} is not an integer >= 1")
+        out += _common_problems(self)
+        if out:  # the checks below compare the fields, so they need the right types
+            return out
         if self.log and self.low < 1:
             out.append("a log-scale integer needs low >= 1")
         if self.log and self.step != 1:
             out.append("a log-scale integer cannot have a step")
-        if not self.low <= self.default <= self.high:
-            out.append(f"default {self.default} is outside [{self.low}, {self.high}]")
-        return out
+        return out + _range_problems(self, self.bounds)
 
     def describe(self) -> str:
         return f"int [{self.low}, {self.high}]" + (" log" if self.log else "") + (f" step {self.step}" if self.step != 1 else "")
@@ -51,7 +153,10 @@ class IntParam:
 
 @dataclass(frozen=True)
 class FloatParam:
-    """A real number in ``[low, high]``, optionally on a log scale."""
+    """A real number in ``[low, high]``, optionally on a log scale.
+
+    ``legal`` bounds what any spec may set it to (e.g. :data:`PROBABILITY`); a log-scale float is always > 0.
+    """
 
     low: float
     high: float
@@ -59,16 +164,23 @@ class FloatParam:
     log: bool = False
     help: str = ""
     condition: dict[str, list[Scalar]] = field(default_factory=dict)
+    legal: Optional[Bounds] = None
+
+    @property
+    def bounds(self) -> Bounds:
+        """What this parameter can take at all: ``legal``, else > 0 on a log scale, else any finite number."""
+        return self.legal or (POSITIVE if self.log is True else Bounds())
 
     def problems(self) -> list[str]:
-        out = []
-        if self.low > self.high:
-            out.append(f"low {self.low} is above high {self.high}")
+        out = [f"{name} {show(getattr(self, name))} is not a finite number" for name in ("low", "high", "default") if not _is_number(getattr(self, name))]
+        if not isinstance(self.log, bool):
+            out.append(f"log {show(self.log)} is not true or false")
+        out += _common_problems(self)
+        if out:  # the checks below compare the fields, so they need the right types
+            return out
         if self.log and self.low <= 0:
             out.append("a log-scale float needs low > 0")
-        if not self.low <= self.default <= self.high:
-            out.append(f"default {self.default} is outside [{self.low}, {self.high}]")
-        return out
+        return out + _range_problems(self, self.bounds)
 
     def describe(self) -> str:
         return f"float [{self.low:g}, {self.high:g}]" + (" log" if self.log else "")
@@ -87,15 +199,17 @@ class CategoricalParam:
     condition: dict[str, list[Scalar]] = field(default_factory=dict)
 
     def problems(self) -> list[str]:
+        if not isinstance(self.choices, (tuple, list)):
+            return [f"choices {show(self.choices)} is not a tuple of values"] + _common_problems(self)
         out = []
         if not self.choices:
             out.append("choices is empty")
-        bad = [c for c in self.choices if c is not None and not isinstance(c, (bool, int, float, str))]
+        bad = [c for c in self.choices if not _is_scalar(c)]
         if bad:
-            out.append(f"choices must be null, bool, int, float or str, not {bad!r}")
-        if self.default not in self.choices:
-            out.append(f"default {self.default!r} is not one of the choices {list(self.choices)!r}")
-        return out
+            out.append(f"choices must be null, bool, int, finite float or str, not {show(bad)}")
+        if not _is_scalar(self.default) or self.default not in self.choices:
+            out.append(f"default {show(self.default)} is not one of the choices {show(list(self.choices))}")
+        return out + _common_problems(self)
 
     def describe(self) -> str:
         return "one of " + ", ".join(repr(c) for c in self.choices)
@@ -110,7 +224,7 @@ TARGET_MODULE_CHOICES = ("q,v", "q,k,v", "q,k,v,o", "q,k,v,o,up,down", "all")
 
 SHARED_PARAMS: dict[str, Param] = {
     "learning_rate": FloatParam(
-        1e-5, 1e-2, default=1e-3, log=True, help="peak learning rate of AdamW (linear warm-up, then linear decay)"
+        1e-5, 1e-2, default=1e-3, log=True, legal=POSITIVE, help="peak learning rate of AdamW (linear warm-up, then linear decay)"
     ),
     "target_modules": CategoricalParam(
         TARGET_MODULE_CHOICES,
@@ -131,44 +245,110 @@ def shared(name: str, **changes: Any) -> Param:
     return replace(SHARED_PARAMS[name], **changes)
 
 
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, str):
+        return "strings"
+    return "numbers" if _is_number(value) else "other"
+
+
+def _takes(param: Param) -> str:
+    """What values a parameter takes, in words (for messages)."""
+    if isinstance(param, CategoricalParam):
+        return " or ".join(sorted({_kind(c) for c in param.choices} - {"other"}))
+    bounds = param.bounds
+    kind = "integers" if isinstance(param, IntParam) else "finite numbers"
+    return kind if bounds == Bounds() else f"{kind} {bounds}"
+
+
+def _accepts(param: Param, value: Any) -> bool:
+    """Whether ``value`` can be a fixed value or a choice of ``param``: the right type, within its bounds."""
+    if isinstance(param, IntParam):
+        return _is_int(value) and value in param.bounds
+    if isinstance(param, FloatParam):
+        return _is_number(value) and value in param.bounds
+    return _kind(value) != "other" and _kind(value) in {_kind(c) for c in param.choices}
+
+
+def _as_type(param: Param, value: Any) -> Any:
+    """Numbers given for a float parameter, as floats (``low: 1`` means 1.0)."""
+    return float(value) if isinstance(param, FloatParam) and _is_number(value) else value
+
+
+OVERRIDE_FIELDS = ("low", "high", "log", "step", "choices", "default")
+
+
 def override(param: Param, raw: Any) -> Param:
     """Apply a spec's override to a declared parameter.
 
     ``raw`` is a scalar (fix the value), a list (choose among these values) or a mapping of fields to change
-    (``low``, ``high``, ``log``, ``step``, ``choices``, ``default``). Raises ``ValueError`` with what is allowed.
+    (``low``, ``high``, ``log``, ``step``, ``choices``, ``default``). Every value must have the parameter's type
+    (integers for an integer parameter, numbers for a float one) and lie within its :class:`Bounds`. Raises
+    ``ValueError`` saying what is allowed.
     """
     if isinstance(raw, list):
         raw = {"choices": raw}
     if not isinstance(raw, dict):
-        return CategoricalParam((raw,), default=raw, help=param.help, condition=param.condition)
-    unknown = set(raw) - {"low", "high", "log", "step", "choices", "default"}
+        if not _accepts(param, raw):
+            raise ValueError(f"this parameter takes {_takes(param)}")
+        value = _as_type(param, raw)
+        return CategoricalParam((value,), default=value, help=param.help, condition=param.condition)
+    unknown = [str(k) for k in raw if k not in OVERRIDE_FIELDS]
     if unknown:
-        raise ValueError(f"unknown field(s) {sorted(unknown)}; allowed: low, high, log, step, choices, default")
+        raise ValueError(f"unknown field(s) {show(sorted(unknown))}; allowed: {', '.join(OVERRIDE_FIELDS)}")
     if "choices" in raw:
-        choices = tuple(raw["choices"])
-        default = raw.get("default", param.default if param.default in choices else (choices[0] if choices else None))
-        new: Param = CategoricalParam(choices, default=default, help=param.help, condition=param.condition)
+        new = _choices_override(param, raw)
     elif isinstance(param, CategoricalParam):
-        raise ValueError(f"a categorical parameter takes 'choices' (currently {list(param.choices)!r}), not {sorted(raw)}")
+        raise ValueError(f"a categorical parameter takes 'choices' (currently {show(list(param.choices))}), not {show(sorted(map(str, raw)))}")
     else:
-        fields = {k: v for k, v in raw.items() if k in ("low", "high", "log", "step", "default")}
-        if isinstance(param, FloatParam):
-            fields.pop("step", None)
-        new = replace(param, **fields)
-        if "default" not in raw and not new.low <= new.default <= new.high:
+        if isinstance(param, FloatParam) and "step" in raw:
+            raise ValueError("a float parameter has no step; allowed: low, high, log, default")
+        new = replace(param, **{k: _as_type(param, v) for k, v in raw.items()})
+        if "default" not in raw and all(_is_number(v) for v in (new.low, new.high, new.default)) and new.low <= new.high:
             # Keep the declared default meaningful: clamp it into the narrowed range.
             clamped = min(max(new.default, new.low), new.high)
-            new = replace(new, default=type(new.default)(clamped))
+            new = replace(new, default=type(param.default)(clamped))
     problems = new.problems()
     if problems:
         raise ValueError("; ".join(problems))
     return new
 
 
-def check_space(space: dict[str, Param]) -> list[str]:
-    """Every problem of a declared space, as readable sentences (empty when the space is valid)."""
+def _choices_override(param: Param, raw: dict[str, Any]) -> CategoricalParam:
+    """``{choices: [...], default: ...}``: a categorical parameter over values the declared one accepts."""
+    if not isinstance(raw["choices"], list):
+        raise ValueError(f"choices is a list of values, e.g. [4, 8, 16]; this parameter takes {_takes(param)}")
+    mixed = sorted(set(raw) & {"low", "high", "log", "step"})
+    if mixed:
+        raise ValueError(f"give either choices or {', '.join(mixed)}, not both")
+    rejected = [value for value in raw["choices"] if not _accepts(param, value)]
+    if rejected:
+        raise ValueError(f"choice {show(rejected[0])} is not allowed; this parameter takes {_takes(param)}")
+    choices = tuple(_as_type(param, value) for value in raw["choices"])
+    if "default" in raw:
+        default = _as_type(param, raw["default"])
+    else:
+        default = param.default if param.default in choices else (choices[0] if choices else None)
+    return CategoricalParam(choices, default=default, help=param.help, condition=param.condition)
+
+
+def check_space(space: Any) -> list[str]:
+    """Every problem of a declared space, as readable sentences (empty when the space is valid).
+
+    Any malformed declaration (a name that is not a string, bounds of the wrong type, a condition that is not a
+    mapping) is reported here as a sentence, never raised, so one broken plugin cannot stop the others.
+    """
+    if not isinstance(space, Mapping):
+        return [f"the space is a {type(space).__name__}, not a dict {{name: parameter}}"]
     problems = []
-    for name, param in space.items():
+    names = list(space)
+    for position, (name, param) in enumerate(space.items()):
+        if not isinstance(name, str) or not name:
+            problems.append(f"parameter name {show(name)} is not a non-empty string")
+            continue
         if not isinstance(param, (IntParam, FloatParam, CategoricalParam)):
             problems.append(f"parameter {name!r} is a {type(param).__name__}, not an IntParam, FloatParam or CategoricalParam")
             continue
@@ -177,9 +357,13 @@ def check_space(space: dict[str, Param]) -> list[str]:
         if name in SHARED_PARAMS and type(param) is not type(SHARED_PARAMS[name]):
             problems.append(f"{name!r} is a shared parameter; declare it with autopeft.space.shared({name!r})")
         problems += [f"parameter {name!r}: {p}" for p in param.problems()]
-        for other in param.condition:
-            if other not in space:
-                problems.append(f"parameter {name!r} has a condition on {other!r}, which the space does not declare")
+        if isinstance(param.condition, Mapping):
+            for other in param.condition:
+                if isinstance(other, str) and other not in space:
+                    problems.append(f"parameter {name!r} has a condition on {other!r}, which the space does not declare")
+                elif isinstance(other, str) and names.index(other) > position:
+                    # Sampling goes in declaration order: a condition on a later parameter would never hold.
+                    problems.append(f"parameter {name!r} has a condition on {other!r}, which is declared after it")
     return problems
 
 

@@ -7,28 +7,57 @@ file; ``output.dir`` is relative to the working directory, like ``--output_dir``
 
 from __future__ import annotations
 
+import math
+import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Iterator, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from autopeft.errors import SpecError, SpecErrors
+from autopeft.errors import SpecError, SpecErrors, show
 
 METRICS = {
     "sequence-classification": {"accuracy": "maximize", "macro_f1": "maximize", "eval_loss": "minimize"},
     "causal-lm": {"eval_loss": "minimize", "perplexity": "minimize"},
 }
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)?\s*$")
+NAME_MAX_BYTES = 255
+"""Longest file or folder name most file systems accept (a longer one fails with 'File name too long')."""
+PATH_MAX_BYTES = 4096
+
+
+def _path_text(value: str) -> str:
+    """Refuse text no file system can take as a path, so later checks never fail with an OSError on it."""
+    if "\0" in value:
+        raise ValueError("a path cannot contain a NUL character")
+    try:
+        encoded = value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("a path must be valid Unicode text (it has an unpaired surrogate)") from None
+    if len(encoded) > PATH_MAX_BYTES:
+        raise ValueError(f"a path is at most {PATH_MAX_BYTES} bytes long; this one has {len(encoded)}")
+    longest = max(value.split("/"), key=lambda part: len(part.encode("utf-8")))
+    if len(longest.encode("utf-8")) > NAME_MAX_BYTES:
+        raise ValueError(
+            f"each file or folder name in a path is at most {NAME_MAX_BYTES} bytes (UTF-8); "
+            f"one has {len(longest.encode('utf-8'))}"
+        )
+    return value
+
+
+PathText = Annotated[str, AfterValidator(_path_text)]
+"""A string used as a path (or a hub id, which may be a path too): one the file system can take."""
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # NaN and infinity pass every ``ge``/``le`` check one way or another and break the search later.
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class ModelSpec(_Section):
-    id: str = Field(description="hub id (e.g. sentence-transformers/all-MiniLM-L6-v2) or a local folder")
+    id: PathText = Field(description="hub id (e.g. sentence-transformers/all-MiniLM-L6-v2) or a local folder")
     task: Literal["sequence-classification", "causal-lm"] = "sequence-classification"
     revision: Optional[str] = None
     trust_remote_code: bool = False
@@ -53,7 +82,7 @@ class SplitSpec(_Section):
 
 
 class DataSpec(_Section):
-    source: Union[str, dict[str, str]] = Field(
+    source: Union[PathText, dict[str, PathText]] = Field(
         description="a built-in corpus name, a csv/jsonl/parquet file, a `datasets` folder, or {split: file}"
     )
     format: Literal["auto", "csv", "jsonl", "json", "parquet", "datasets"] = "auto"
@@ -111,7 +140,7 @@ _CONSTRAINT = re.compile(r"^\s*([a-z_]+)\s*(<=|>=)\s*([-+0-9.eE_]+)\s*$")
 
 class SearchSpec(_Section):
     variants: list[str] = Field(default_factory=lambda: ["lora"], min_length=1)
-    preset: Optional[str] = Field(None, description="a search-space preset from search_spaces/ or a YAML file")
+    preset: Optional[PathText] = Field(None, description="a search-space preset from search_spaces/ or a YAML file")
     space: dict[str, Any] = Field(default_factory=dict, description="overrides: {param: value | [choices] | {low, high, ...}}")
     metric: Optional[str] = Field(None, description="what the search optimises; default accuracy or eval_loss by task")
     objectives: Optional[list[Union[str, ObjectiveSpec]]] = Field(None, min_length=1, description="several objectives give a Pareto front; the first is the metric")
@@ -133,8 +162,13 @@ class SearchSpec(_Section):
         for text in value:
             match = _CONSTRAINT.match(text)
             if not match:
-                raise ValueError(f"{text!r} is not a constraint; write 'name <= number' or 'name >= number'")
-            float(match.group(3).replace("_", ""))
+                raise ValueError(f"{show(text)} is not a constraint; write 'name <= number' or 'name >= number'")
+            try:
+                bound = float(match.group(3).replace("_", ""))
+            except ValueError:
+                raise ValueError(f"{show(match.group(3))} in {show(text)} is not a number") from None
+            if not math.isfinite(bound):
+                raise ValueError(f"the bound in {show(text)} is not a finite number")
         return value
 
     @field_validator("pruner", mode="before")
@@ -154,6 +188,8 @@ class SearchSpec(_Section):
             if not match:
                 raise ValueError("a duration is a number of seconds or a number with s, m or h (e.g. 30m)")
             seconds = float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
+        if not math.isfinite(seconds):
+            raise ValueError("the timeout must be a finite number of seconds")
         if seconds <= 0:
             raise ValueError("the timeout must be positive")
         return seconds
@@ -171,7 +207,7 @@ class TrainingSpec(_Section):
 
 
 class OutputSpec(_Section):
-    dir: Optional[str] = Field(None, description="run folder; default runs/<spec file name>")
+    dir: Optional[PathText] = Field(None, description="run folder; default runs/<spec file name>")
 
 
 class Spec(_Section):
@@ -182,7 +218,7 @@ class Spec(_Section):
     search: SearchSpec = Field(default_factory=SearchSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
-    plugins: list[str] = Field(default_factory=list, description="plugin files or folders to load")
+    plugins: list[PathText] = Field(default_factory=list, description="plugin files or folders to load")
 
     # Set by load_spec; not part of the YAML.
     _path: Optional[Path] = None
@@ -289,27 +325,164 @@ def _spec_error(file: str, raw: dict, error: dict) -> SpecError:
     return SpecError(file, key, _lookup(raw, loc), message)
 
 
+MAX_YAML_BYTES = 1_000_000
+"""Largest spec (or preset) file read; a spec is a few kilobytes."""
+MAX_YAML_NODES = 100_000
+"""Most YAML nodes a document may expand to, counting every use of an alias: a small file of nested aliases
+(a 'billion laughs' bomb) would otherwise expand to gigabytes when validated or printed."""
+MAX_YAML_DEPTH = 64
+"""Deepest nesting of lists and mappings; a spec needs five levels."""
+
+# YAML 1.1 (PyYAML) reads 1e-3 as a string; YAML 1.2 and every user read it as a number.
+_EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+
+
+class _TooLarge(yaml.YAMLError):
+    """The document breaks one of the limits above: what it has, what is allowed, and where."""
+
+    def __init__(self, value: str, allowed: str, mark: Any) -> None:
+        super().__init__(f"{value}; {allowed}")
+        self.value = value
+        self.allowed = allowed
+        self.mark = mark
+
+
+class SpecLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that reads ``1e-3`` as a float and refuses documents that nest or expand too far.
+
+    Every composed node records its expanded size (itself plus the expanded sizes of its children, an alias
+    counting the full size of what it refers to), so an alias bomb is refused after composing a few nodes,
+    before anything expands it.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._sizes: dict[int, int] = {}
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            node = super().compose_node(parent, index)
+            if id(node) not in self._sizes:
+                raise _TooLarge(f"*{event.anchor}", "an alias may not refer to a list or mapping that contains it", event.start_mark)
+            return node
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise _TooLarge(f"{self._depth} levels", f"lists and mappings nest at most {MAX_YAML_DEPTH} levels deep", self.peek_event().start_mark)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        else:
+            children = []
+        size = 1 + sum(self._sizes[id(child)] for child in children)
+        if size > MAX_YAML_NODES:
+            raise _TooLarge(f"{size} values", f"a document expands to at most {MAX_YAML_NODES} values (an alias counts what it refers to, each time it is used)", node.start_mark)
+        self._sizes[id(node)] = size
+        return node
+
+
+SpecLoader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789"))
+
+
+def load_yaml(source: str | Path, file: str | None = None) -> Any:
+    """Parse a spec, preset or saved spec: ``source`` is a file path (a :class:`Path`) or YAML text (a ``str``).
+
+    Reads ``1e-3`` as a number, refuses files over :data:`MAX_YAML_BYTES`, documents that expand past
+    :data:`MAX_YAML_NODES` or nest past :data:`MAX_YAML_DEPTH`, and raises :class:`SpecError` naming ``file``
+    (default: the path) and the line for every problem, never a YAML or OS exception.
+    """
+    if isinstance(source, Path):
+        file = file or str(source)
+        try:
+            with open(source, "rb") as handle:
+                data = handle.read(MAX_YAML_BYTES + 1)
+                size = max(len(data), os.fstat(handle.fileno()).st_size)
+        except OSError as exc:
+            raise SpecError(file, "(file)", str(source), f"cannot be read ({exc.strerror or type(exc).__name__})") from None
+        if len(data) > MAX_YAML_BYTES:
+            raise SpecError(file, "(file)", f"{size} bytes", f"a spec file is at most {MAX_YAML_BYTES} bytes")
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise SpecError(file, f"(byte {exc.start})", data[exc.start : exc.start + 4], "the file is not UTF-8 text") from None
+    else:
+        file = file or "<text>"
+        text = source
+        if len(text) > MAX_YAML_BYTES:
+            raise SpecError(file, "(text)", f"{len(text)} characters", f"a spec is at most {MAX_YAML_BYTES} characters")
+    try:
+        return yaml.load(text, Loader=SpecLoader)  # noqa: S506 - SpecLoader is a SafeLoader
+    except _TooLarge as exc:
+        raise SpecError(file, _where(exc.mark), exc.value, exc.allowed) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise SpecError(file, _where(mark), getattr(exc, "problem", None) or str(exc), "the file is not valid YAML") from None
+
+
+def _where(mark: Any) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "(file)"
+
+
+def non_finite_numbers(raw: Any, loc: str = "") -> Iterator[tuple[str, float]]:
+    """``(key path, value)`` of every NaN or infinite number anywhere in a parsed document."""
+    if isinstance(raw, float) and not math.isfinite(raw):
+        yield loc or "(top level)", raw
+    elif isinstance(raw, dict):
+        for key, value in raw.items():
+            yield from non_finite_numbers(value, f"{loc}.{key}" if loc else str(key))
+    elif isinstance(raw, list):
+        for i, value in enumerate(raw):
+            yield from non_finite_numbers(value, f"{loc}[{i}]")
+
+
 def parse_spec(raw: Any, file: str = "<spec>") -> Spec:
     """Validate an already-parsed YAML document into a :class:`Spec` (schema only, no file-system checks)."""
     if not isinstance(raw, dict):
         raise SpecError(file, "(top level)", raw, "a spec is a mapping with keys model, data, search, training, output")
+    non_finite = [SpecError(file, key, value, "numbers must be finite (no .nan or .inf)") for key, value in non_finite_numbers(raw)]
+    if non_finite:
+        raise SpecErrors(non_finite)
     try:
         return Spec.model_validate(raw)
     except ValidationError as exc:
-        raise SpecErrors([_spec_error(file, raw, e) for e in exc.errors()]) from None
+        raise SpecErrors(_merge_union_errors(file, [(e["type"], _spec_error(file, raw, e)) for e in exc.errors()])) from None
+
+
+def _merge_union_errors(file: str, errors: list[tuple[str, SpecError]]) -> list[SpecError]:
+    """One error per key: pydantic reports each branch of a union (``str`` or ``{split: file}``) separately.
+
+    A branch whose type matched says what is wrong with the value, so it wins over branches of another type
+    ("input should be a valid dictionary"); when no type matched, the message lists every type allowed.
+    """
+    by_key: dict[str, list[tuple[str, SpecError]]] = {}
+    for kind, error in errors:
+        by_key.setdefault(error.key, []).append((kind, error))
+    merged = []
+    for group in by_key.values():
+        matched = [error for kind, error in group if not kind.endswith(("_type", "_parsing"))]
+        if matched or len(group) == 1:
+            merged += matched or [group[0][1]]
+        else:
+            first = group[0][1]
+            merged.append(SpecError(file, first.key, first.value, " or ".join(error.allowed for _, error in group)))
+    return merged
 
 
 def load_spec(path: str | Path) -> Spec:
-    """Read a spec file with ``yaml.safe_load`` and validate its schema. Raises :class:`SpecError(s)`."""
+    """Read a spec file with :func:`load_yaml` and validate its schema. Raises :class:`SpecError(s)`."""
     path = Path(path)
-    if not path.is_file():
-        raise SpecError(str(path), "(file)", str(path), "the spec file does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
-        raise SpecError(str(path), where, getattr(exc, "problem", str(exc)), "the file is not valid YAML") from None
-    spec = parse_spec(raw, str(path))
+        exists = path.is_file()
+    except (OSError, ValueError):  # a path too long or malformed for the file system
+        exists = False
+    if not exists:
+        raise SpecError(str(path), "(file)", str(path), "the spec file does not exist")
+    spec = parse_spec(load_yaml(path), str(path))
     spec._path = path.resolve()
     return spec

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from autopeft import AttachContext, CategoricalParam, FloatParam, IntParam, Variant, hookimpl, shared
+from autopeft.space import PROBABILITY
 
 _STATE = "_autopeft_allocator_state"
 
@@ -48,7 +49,7 @@ class _Allocator(Variant):
             "target_modules": shared("target_modules"),
             **own,
             "alpha_ratio": CategoricalParam((0.5, 1.0, 2.0, 4.0), default=2.0, help="LoRA scaling (lora_alpha / r) of every module"),
-            "dropout": FloatParam(0.0, 0.2, default=0.05, help="dropout on the adapter's input"),
+            "dropout": FloatParam(0.0, 0.2, default=0.05, legal=PROBABILITY, help="dropout on the adapter's input"),
         }
 
     def on_step(self, model, step: int, context: AttachContext) -> None:

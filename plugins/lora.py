@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from autopeft import AttachContext, CategoricalParam, FloatParam, IntParam, Variant, hookimpl, shared
+from autopeft.space import PROBABILITY, RANK
 
 
 class LoRA(Variant):
@@ -20,9 +21,9 @@ class LoRA(Variant):
         return {
             "learning_rate": shared("learning_rate"),
             "target_modules": shared("target_modules"),
-            "r": IntParam(2, 64, default=8, log=True, help="rank of the update"),
+            "r": IntParam(2, 64, default=8, log=True, legal=RANK, help="rank of the update"),
             "alpha_ratio": CategoricalParam((0.5, 1.0, 2.0, 4.0), default=2.0, help="lora_alpha = alpha_ratio × r"),
-            "dropout": FloatParam(0.0, 0.2, default=0.05, help="dropout on the adapter's input"),
+            "dropout": FloatParam(0.0, 0.2, default=0.05, legal=PROBABILITY, help="dropout on the adapter's input"),
         }
 
     def attach(self, model, params: dict[str, Any], context: AttachContext):

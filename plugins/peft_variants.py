@@ -18,6 +18,7 @@ from typing import Any
 
 from autopeft import AttachContext, CategoricalParam, FloatParam, IntParam, Variant, hookimpl, shared
 from autopeft.errors import TrialFailed
+from autopeft.space import PROBABILITY, RANK
 
 # PEFT folds these inits into the base weights (W_res = W - s·B0·A0): exported adapters need converting.
 MUTATING_INITS = ("pissa", "olora", "lora_ga", "corda")
@@ -81,7 +82,7 @@ def _lora_space(**extra) -> dict:
     return {
         "learning_rate": shared("learning_rate"),
         "target_modules": shared("target_modules"),
-        "r": IntParam(2, 64, default=8, log=True, help="rank of the update"),
+        "r": IntParam(2, 64, default=8, log=True, legal=RANK, help="rank of the update"),
         **extra,
     }
 
@@ -94,7 +95,7 @@ class RsLoRA(PeftVariant):
     def search_space(self):
         return _lora_space(
             alpha=CategoricalParam((2, 4, 8, 16, 32), default=8, help="lora_alpha; the update is scaled by alpha/sqrt(r)"),
-            dropout=FloatParam(0.0, 0.2, default=0.05, help="dropout on the adapter's input"),
+            dropout=FloatParam(0.0, 0.2, default=0.05, legal=PROBABILITY, help="dropout on the adapter's input"),
         )
 
     def build_config(self, model, params, context):
@@ -114,7 +115,7 @@ class DoRA(PeftVariant):
     def search_space(self):
         return _lora_space(
             alpha_ratio=CategoricalParam((0.5, 1.0, 2.0, 4.0), default=2.0, help="lora_alpha = alpha_ratio × r"),
-            dropout=FloatParam(0.0, 0.2, default=0.05, help="dropout on the adapter's input"),
+            dropout=FloatParam(0.0, 0.2, default=0.05, legal=PROBABILITY, help="dropout on the adapter's input"),
         )
 
     def build_config(self, model, params, context):
@@ -444,7 +445,7 @@ class LoHa(PeftVariant):
         return _lora_space(
             r=IntParam(2, 32, default=8, log=True, help="rank of each factor"),
             alpha_ratio=CategoricalParam((0.5, 1.0, 2.0), default=1.0, help="alpha = alpha_ratio × r"),
-            rank_dropout=FloatParam(0.0, 0.2, default=0.0, help="dropout over the rank dimension"),
+            rank_dropout=FloatParam(0.0, 0.2, default=0.0, legal=PROBABILITY, help="dropout over the rank dimension"),
         )
 
     def build_config(self, model, params, context):
@@ -515,7 +516,7 @@ class VBLoRA(PeftVariant):
         return {
             "learning_rate": shared("learning_rate", default=5e-3),
             "target_modules": shared("target_modules"),
-            "r": IntParam(2, 8, default=4, help="rank of the update"),
+            "r": IntParam(2, 8, default=4, legal=RANK, help="rank of the update"),
             "num_vectors": IntParam(16, 512, default=128, log=True, help="vectors in the shared bank"),
             "vector_length": CategoricalParam(
                 (64, 128, 256), default=256, help="upper bound: the longest length dividing every target's dimensions is used"
