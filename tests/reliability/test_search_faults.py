@@ -1,0 +1,324 @@
+"""A search under faults, for real: separate processes, kill -9, a variant that kills its process, two searches on
+one folder, a disk that fills up, and resumes after data or preset files changed behind the spec's back."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from autopeft.cli import main
+from autopeft.rundir import RunDir, open_study
+from conftest import write_spec
+
+FAULTS = Path(__file__).parent / "fault_variants.py"
+TRIAL_SPACE = {"learning_rate": {"low": 5e-3, "high": 2e-2}}
+
+
+def autopeft(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
+    """Start ``autopeft ARGS`` as its own process, as a user's shell would."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "autopeft", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "120", **(env or {})}, **kwargs,
+    )
+
+
+def run(*args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    process = autopeft(*args, env=env)
+    out, err = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def trials(run_dir: Path) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name="autopeft", storage=RunDir(run_dir).storage_url).get_trials(deepcopy=False)
+
+
+def configurations(run_dir: Path, states=("COMPLETE", "PRUNED")) -> list[dict]:
+    """Parameters of every trial that trained to the end (or was stopped early by the pruner)."""
+    return [t.params for t in trials(run_dir) if t.state.name in states]
+
+
+def faulty_spec(tmp_path: Path, tiny_bert: Path, sentiment_csv: Path, **search) -> Path:
+    return write_spec(
+        tmp_path,
+        model={"id": str(tiny_bert)},
+        data={"source": str(sentiment_csv)},
+        search={"variants": ["faulty"], "n_trials": 3, "seed": 0, "space": {**TRIAL_SPACE, "faulty.fault": ["none"]}, **search},
+        plugins=[str(FAULTS)],
+    )
+
+
+def wait_for(condition, timeout: float = 120, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+# -- no configuration run twice ---------------------------------------------------------------------------------
+
+
+def test_extending_a_search_samples_new_configurations(classification_spec):
+    """Catches: the sampler seeded the same way in every process (``offset`` dropped in ``make_sampler``), which
+    made ``--n-trials 5`` after a 3-trial run replay trials 1 and 2."""
+    assert main(["search", str(classification_spec), "--n-trials", "3"]) == 0
+    assert main(["search", str(classification_spec), "--n-trials", "5"]) == 0
+    done = configurations(classification_spec.parent / "run")
+    assert len(done) == 5
+    assert len({json.dumps(p, sort_keys=True) for p in done}) == 5
+    # The sampler itself moved on: it did not propose old configurations that then had to be skipped.
+    assert not any("duplicate_of" in t.user_attrs for t in trials(classification_spec.parent / "run"))
+
+
+def test_a_small_space_is_never_run_twice(tmp_path, tiny_bert, sentiment_csv):
+    """Catches: removing the duplicate check in ``Driver.ask``. With two possible configurations and
+    ``n_trials: 4``, each runs once, the sampler's repeats are recorded as skipped duplicates, and the search stops
+    when the space is exhausted instead of training the same configuration again."""
+    spec = faulty_spec(tmp_path, tiny_bert, sentiment_csv, n_trials=4, space={"learning_rate": [0.01], "faulty.fault": ["none"], "faulty.r": [2, 4]})
+    assert main(["search", str(spec)]) == 0
+    every = trials(tmp_path / "run")
+    trained = [t.params for t in every if "duplicate_of" not in t.user_attrs]
+    assert sorted(p["faulty.r"] for p in trained) == [2, 4]
+    skipped = [t for t in every if "duplicate_of" in t.user_attrs]
+    assert skipped and all(t.params == every[t.user_attrs["duplicate_of"]].params for t in skipped)
+    csv_text = (tmp_path / "run" / "trials.csv").read_text()
+    assert csv_text.count("\n") - 1 == len(every)
+
+
+def test_kill_minus_nine_then_resume_loses_and_repeats_nothing(tmp_path, tiny_bert, sentiment_csv):
+    """Catches: a RUNNING trial left by a killed process not queued again, or the resumed sampler replaying the
+    first configurations. kill -9 lands mid-trial (the trial sleeps in attach); the resumed search finishes every
+    trial, runs the interrupted configuration again exactly once, and runs no other configuration twice."""
+    spec = faulty_spec(tmp_path, tiny_bert, sentiment_csv, n_trials=4, space={**TRIAL_SPACE, "faulty.fault": ["none", "slow"], "faulty.r": [2, 4, 8]})
+    run_dir = tmp_path / "run"
+    process = autopeft("search", str(spec), env={"AUTOPEFT_TEST_SLOW_SECONDS": "30"})
+    # The baseline (fault none) finishes; the first sampled trial that is slow gets killed while it runs.
+    wait_for(lambda: (run_dir / "study.db").is_file() and any(t.state.name == "RUNNING" and t.params.get("faulty.fault") == "slow" for t in trials(run_dir)) and any(t.state.name == "COMPLETE" for t in trials(run_dir)), what="a slow trial running after a finished one")
+    killed = next(t for t in trials(run_dir) if t.state.name == "RUNNING")
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    finished_before = [t.number for t in trials(run_dir) if t.state.name == "COMPLETE"]
+
+    result = run("search", str(spec), env={"AUTOPEFT_TEST_SLOW_SECONDS": "0"})
+    assert result.returncode == 0, result.stderr
+    every = trials(run_dir)
+    done = [t for t in every if t.state.name == "COMPLETE"]
+    assert len(done) == 4
+    assert set(finished_before) <= {t.number for t in done}
+    retries = [t for t in done if t.user_attrs.get("retry_of") == killed.number]
+    assert len(retries) == 1 and retries[0].params == killed.params
+    assert len({json.dumps(t.params, sort_keys=True) for t in done}) == 4
+
+
+# -- one search per run folder ------------------------------------------------------------------------------------
+
+
+def test_a_second_search_on_a_running_folder_is_refused_and_the_first_finishes(tmp_path, tiny_bert, sentiment_csv):
+    """Catches: removing the run-folder lock. The second search exits 2 naming the other process; the first is
+    not disturbed: every trial it ran is complete, none marked failed by the intruder."""
+    spec = faulty_spec(tmp_path, tiny_bert, sentiment_csv, n_trials=2, space={**TRIAL_SPACE, "faulty.fault": ["slow"]})
+    run_dir = tmp_path / "run"
+    first = autopeft("search", str(spec), env={"AUTOPEFT_TEST_SLOW_SECONDS": "4"})
+    wait_for(lambda: (run_dir / "study.db").is_file() and any(t.state.name == "RUNNING" for t in trials(run_dir)), what="the first search's trial")
+    second = run("search", str(spec))
+    assert second.returncode == 2
+    assert "in use by another autopeft search" in second.stderr and f"pid {first.pid}" in second.stderr
+    assert "Traceback" not in second.stderr
+    out, err = first.communicate(timeout=180)
+    assert first.returncode == 0, err
+    assert [t.state.name for t in trials(run_dir)] == ["COMPLETE", "COMPLETE"]
+
+
+def test_two_searches_started_at_once_one_runs_one_is_refused(tmp_path, tiny_bert, sentiment_csv):
+    """Catches: taking the lock after creating the study (both processes then race on ``CREATE TABLE``)."""
+    spec = faulty_spec(tmp_path, tiny_bert, sentiment_csv, n_trials=1)
+    both = [autopeft("search", str(spec)) for _ in range(2)]
+    results = [(p.wait(timeout=180), p.stderr.read()) for p in both]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    refused = next(err for code, err in results if code == 2)
+    assert "in use by another autopeft search" in refused and "Traceback" not in refused
+
+
+def test_a_stale_lock_from_a_dead_process_is_taken_over(classification_spec):
+    """Catches: treating the lock file's presence (not a live lock on it) as 'in use'."""
+    run_dir = classification_spec.parent / "run"
+    run_dir.mkdir()
+    (run_dir / ".autopeft.lock").write_text(json.dumps({"pid": 999999, "host": "gone", "started": "yesterday"}))
+    assert main(["search", str(classification_spec)]) == 0
+    assert json.loads((run_dir / ".autopeft.lock").read_text())["pid"] == os.getpid()
+
+
+# -- a poison configuration does not block a run ---------------------------------------------------------------------
+
+
+def test_a_configuration_that_kills_its_process_twice_is_recorded_failed(tmp_path, tiny_bert, sentiment_csv):
+    """Catches: re-queueing a dead process's trial forever (the ``MAX_DEATHS`` rule in ``Driver._queue_work``).
+    The baseline configuration calls ``os._exit``: two runs die in it, the third records it failed with the
+    reason and finishes the search with the other configurations."""
+    space = {"learning_rate": {"low": 5e-3, "high": 2e-2, "default": 5e-3}, "faulty.fault": ["os-exit-at-default"]}
+    spec = faulty_spec(tmp_path, tiny_bert, sentiment_csv, n_trials=3, space=space)
+    env = {"AUTOPEFT_TEST_POISON_LR": "0.005"}
+    assert run("search", str(spec), env=env).returncode == 3
+    assert run("search", str(spec), env=env).returncode == 3
+    third = run("search", str(spec), env=env)
+    assert third.returncode == 0, third.stderr
+    every = trials(tmp_path / "run")
+    poisoned = [t for t in every if t.params["learning_rate"] == 0.005]
+    assert [t.state.name for t in poisoned] == ["FAIL", "FAIL"]
+    assert "died 2 times" in poisoned[-1].user_attrs["failure_reason"]
+    assert sum(t.state.name == "COMPLETE" for t in every) == 2
+
+
+def test_a_variant_calling_sys_exit_fails_its_trial_and_the_search_goes_on(tmp_path, tiny_bert, sentiment_csv):
+    """Catches: letting ``SystemExit`` from a variant end the search (the process then exits in every resume)."""
+    spec = faulty_spec(tmp_path, tiny_bert, sentiment_csv, n_trials=3, space={**TRIAL_SPACE, "faulty.fault": {"choices": ["sys-exit", "none"], "default": "sys-exit"}})
+    assert main(["search", str(spec)]) == 0
+    every = trials(tmp_path / "run")
+    assert len(every) == 3
+    assert every[0].state.name == "FAIL" and "sys.exit(3)" in every[0].user_attrs["failure_reason"]
+    assert all(t.state.name == "COMPLETE" for t in every if t.params["faulty.fault"] == "none")
+    assert any(t.state.name == "COMPLETE" for t in every)
+
+
+def test_a_sampling_error_is_a_failed_trial_not_a_crash(classification_spec, monkeypatch):
+    """Catches: letting an exception raised while sampling escape ``Driver.ask`` (it crashed the search and left
+    a RUNNING trial that blocked every resume)."""
+    import autopeft.orchestrators.driver as driver
+
+    real = driver.sample
+    calls = []
+
+    def sample_failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("The value inf is not finite")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "sample", sample_failing_once)
+    assert main(["search", str(classification_spec), "--n-trials", "3"]) == 0
+    every = trials(classification_spec.parent / "run")
+    assert [t.state.name for t in every] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert every[1].user_attrs["failure_reason"] == "sampling failed: ValueError: The value inf is not finite"
+
+
+# -- a full disk stops the search; it is not the configuration's fault ------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 24 MB tmpfs, so writes fail with ENOSPC exactly as on a full disk."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_stops_the_search_and_the_trial_runs_again_after_space_is_freed(tmp_path, tiny_bert, sentiment_csv, small_disk):
+    """Catches: recording an ENOSPC failure as the configuration's own failure (``is_out_of_space`` check in
+    ``Driver.settle`` and around the loop). The search stops with exit 2 and a message, no traceback; the trial
+    that hit the full disk does not count; once space is freed the same command finishes every trial."""
+    spec = faulty_spec(tmp_path, tiny_bert, sentiment_csv, n_trials=3, space={**TRIAL_SPACE, "faulty.fault": ["none", "fill-disk"]})
+    run_dir = small_disk / "run"
+    filler = small_disk / "filler.bin"
+    env = {"AUTOPEFT_TEST_FILLER": str(filler)}
+    first = run("search", str(spec), "--output", str(run_dir), env=env)
+    assert first.returncode == 2, first.stderr
+    assert "no space left" in first.stderr and "free some space and run the same command again" in first.stderr
+    assert "Traceback" not in first.stderr
+
+    filler.unlink()
+    second = run("search", str(spec), "--output", str(run_dir), env=env)
+    assert second.returncode == 0, second.stderr
+    every = trials(run_dir)
+    assert sum(t.state.name == "COMPLETE" for t in every) == 3
+    assert not any(t.user_attrs.get("failure_reason") for t in every)
+    first_hit = next(t for t in every if t.params.get("faulty.fault") == "fill-disk")
+    assert first_hit.state.name == "FAIL"
+    retry = next(t for t in every if t.user_attrs.get("retry_of") == first_hit.number)
+    assert retry.state.name == "COMPLETE" and retry.params == first_hit.params
+
+
+def test_an_enospc_while_saving_an_adapter_is_not_the_configurations_failure(tmp_path, tiny_bert, sentiment_csv, capsys, monkeypatch):
+    """Catches: removing the out-of-space check in ``Driver.settle``. The disk has room for the study but the
+    adapter cannot be written: the trial is kept as interrupted (no failure reason, not counted), the search
+    stops with exit 2, and the next run trains the same configuration again."""
+    spec = faulty_spec(tmp_path, tiny_bert, sentiment_csv, n_trials=2, space={**TRIAL_SPACE, "faulty.fault": ["enospc-once"]})
+    monkeypatch.setenv("AUTOPEFT_TEST_ENOSPC_MARKER", str(tmp_path / "enospc-happened"))
+    assert main(["search", str(spec)]) == 2
+    assert "no space left on the device" in capsys.readouterr().err
+    [first] = trials(tmp_path / "run")
+    assert first.state.name == "FAIL" and "failure_reason" not in first.user_attrs
+    assert first.user_attrs["interrupted"] == "out of disk space"
+    assert main(["search", str(spec)]) == 0
+    every = trials(tmp_path / "run")
+    assert [t.state.name for t in every] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert every[1].user_attrs["retry_of"] == 0 and every[1].params == every[0].params
+
+
+def test_sqlite_disk_full_is_recognised_as_out_of_space(tmp_path):
+    """Catches: an out-of-space check that only knows ``OSError`` (SQLite reports a full disk as its own error)."""
+    import sqlite3
+
+    import sqlalchemy
+
+    from autopeft.errors import is_out_of_space
+
+    engine = sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'full.db'}")
+    with pytest.raises(sqlalchemy.exc.OperationalError) as caught:
+        with engine.begin() as connection:
+            connection.exec_driver_sql("PRAGMA max_page_count = 2")
+            connection.exec_driver_sql("CREATE TABLE t (x TEXT)")
+            for _ in range(100):
+                connection.exec_driver_sql("INSERT INTO t VALUES (?)", ("x" * 4000,))
+    assert is_out_of_space(caught.value)
+    assert not is_out_of_space(sqlite3.OperationalError("no such table: t"))
+
+
+# -- resume refuses a changed space or changed data ------------------------------------------------------------------
+
+
+def test_resume_refuses_a_preset_file_whose_ranges_changed(tmp_path, classification_spec):
+    """Catches: fingerprinting only the spec's own keys (a preset file's ranges changed silently mixed spaces)."""
+    preset = tmp_path / "my-preset.yaml"
+    preset.write_text("space:\n  lora.r: [2, 4]\n")
+    spec = write_spec(tmp_path, model=_model(classification_spec), data=_data(classification_spec), search={"variants": ["lora"], "preset": str(preset), "n_trials": 1, "space": {"learning_rate": {"low": 5e-3, "high": 2e-2}}})
+    assert main(["search", str(spec)]) == 0
+    preset.write_text("space:\n  lora.r: [2, 4, 8]\n")
+    assert main(["search", str(spec), "--n-trials", "2"]) == 2
+    assert len(trials(tmp_path / "run")) == 1
+
+
+def test_resume_refuses_changed_labels_in_the_data(tmp_path, classification_spec, capsys):
+    """Catches: fingerprinting the data by file name or size only: flipping labels keeps both the same."""
+    assert main(["search", str(classification_spec), "--n-trials", "1"]) == 0
+    data = Path(_data(classification_spec)["source"])
+    flipped = data.read_text().replace(",pos", ",tmp").replace(",neg", ",pos").replace(",tmp", ",neg")
+    data.write_text(flipped)
+    capsys.readouterr()
+    assert main(["search", str(classification_spec), "--n-trials", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "data" in err and "changed" in err and "train split (same size, different texts or labels)" in err.replace("\n", " ")
+    assert len(trials(classification_spec.parent / "run")) == 1
+
+
+def _model(spec_path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(spec_path.read_text())["model"]
+
+
+def _data(spec_path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(spec_path.read_text())["data"]
