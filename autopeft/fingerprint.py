@@ -71,9 +71,9 @@ def check_space(study: optuna.Study, plan: Plan) -> None:
         )
 
 
-def check_data(study: optuna.Study, run_dir: RunDir, data: PreparedData) -> None:
-    """Record the prepared data's fingerprint in a new study, or refuse one whose recorded data differs."""
-    current = data_fingerprint(data)
+def check_data(study: optuna.Study, run_dir: RunDir, current: dict[str, Any]) -> None:
+    """Record the prepared data's fingerprint (:func:`data_fingerprint`, computed wherever the data was prepared)
+    in a new study, or refuse one whose recorded data differs."""
     recorded = study.user_attrs.get(DATA_KEY)
     if recorded is None:
         study.set_user_attr(DATA_KEY, current)

@@ -235,10 +235,12 @@ class Driver:
     def timed_out(self) -> bool:
         return self.timeout is not None and time.monotonic() - self.opened > self.timeout
 
-    def check_workbench(self, workbench: Workbench) -> None:
-        """Refuse to continue a study whose prepared data differs from this run's (checked once)."""
+    def check_data(self, fingerprint: dict[str, Any]) -> None:
+        """Refuse to continue a study whose prepared data differs from this run's (checked once).
+
+        ``fingerprint`` is :func:`autopeft.fingerprint.data_fingerprint` of the data a worker prepared."""
         if not self.data_checked:
-            check_data(self.study, self.run_dir, workbench.data)
+            check_data(self.study, self.run_dir, fingerprint)
             self.data_checked = True
 
     def ask(self, sites: list) -> Ticket | None:

@@ -55,10 +55,11 @@ class TrialMonitor(StepListener):
 def load_workbench(plan: Plan, driver: Driver, message) -> Workbench:
     """Load the model and data once, check they match the study, and check the allocation fits the model."""
     from autopeft.allocation import check_allocation
+    from autopeft.fingerprint import data_fingerprint
     from autopeft.trial import Workbench
 
     workbench = Workbench(plan, message)
-    driver.check_workbench(workbench)
+    driver.check_data(data_fingerprint(workbench.data))
     allocation = plan.spec.search.allocation
     if allocation is not None:
         errors = check_allocation(allocation, workbench.sites, str(plan.spec.path))
