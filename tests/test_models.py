@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +71,131 @@ def test_device_and_dtype_are_chosen_automatically():
     assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert pick_dtype("auto", torch.device("cpu")) == torch.float32
     assert pick_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Packaged models prepared on first use (SmolLM2 from a GGUF file), tested without any GGUF file
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _write_model(folder, text="ours"):
+    (folder / "config.json").write_text('{"by": "%s"}' % text)
+    (folder / "model.safetensors").write_bytes(b"weights")
+
+
+def test_a_prepared_model_is_built_aside_and_renamed_into_place_once(tmp_path):
+    """Catches: building straight into the cache folder (a crash would leave a half-written model there that
+    later loads trust), and building again when the cached copy exists."""
+    from autopeft_plugins.packaged_models import prepared_folder
+
+    target = tmp_path / "cache" / "model"
+    calls = []
+
+    def build(out):
+        calls.append(out)
+        assert out.parent == target.parent and out != target and not target.exists()
+        _write_model(out)
+
+    assert prepared_folder(target, build) == target
+    assert (target / "config.json").read_text() == '{"by": "ours"}' and len(calls) == 1
+    assert [p.name for p in target.parent.iterdir()] == ["model"]  # no temporary folder left
+    assert prepared_folder(target, lambda out: pytest.fail("converted again")) == target
+
+
+def test_a_failed_build_leaves_nothing_and_the_next_use_builds_again(tmp_path):
+    """Catches: a temporary folder (or a partial model) left behind by a build that raised."""
+    from autopeft_plugins.packaged_models import prepared_folder
+
+    target = tmp_path / "cache" / "model"
+
+    def broken(out):
+        (out / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prepared_folder(target, broken)
+    assert list(target.parent.iterdir()) == []
+    assert prepared_folder(target, _write_model) == target and (target / "config.json").is_file()
+
+
+def test_when_another_process_finishes_first_its_copy_is_kept(tmp_path):
+    """Catches: a rename failure on an existing cached copy raised as an error, or our copy left behind."""
+    from autopeft_plugins.packaged_models import prepared_folder
+
+    target = tmp_path / "cache" / "model"
+
+    def racing(out):
+        _write_model(out)
+        target.mkdir()
+        _write_model(target, "theirs")  # another process renamed its copy into place meanwhile
+
+    assert prepared_folder(target, racing) == target
+    assert (target / "config.json").read_text() == '{"by": "theirs"}'
+    assert [p.name for p in target.parent.iterdir()] == ["model"]
+
+
+def test_a_folder_autopeft_did_not_make_is_refused_and_left_alone(tmp_path):
+    """Catches: replacing or deleting a user's folder that happens to sit where the cache goes."""
+    from autopeft_plugins.packaged_models import prepared_folder
+
+    target = tmp_path / "cache" / "model"
+    target.mkdir(parents=True)
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(ModelNotFoundError, match="holds no model"):
+        prepared_folder(target, _write_model)
+    assert (target / "notes.txt").read_text() == "mine"
+    assert [p.name for p in target.parent.iterdir()] == ["model"]
+
+
+def test_a_dequantized_model_is_saved_as_a_plain_transformers_folder(tiny_llama, tmp_path):
+    """Catches: saving the GGUF-loaded config as it is, whose quantization_config sends later loads back to
+    the GGUF reader; the copy must load alone and compute what the loaded model computes."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from autopeft_plugins.packaged_models import plain_copy
+
+    loaded = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    loaded.config.quantization_config = {"quant_method": "gguf", "gguf_file": "model.Q4_1.gguf", "dequantize": False}
+    out = tmp_path / "plain"
+    out.mkdir()
+    plain_copy(loaded, AutoTokenizer.from_pretrained(tiny_llama), out, "acme/tiny-llama")
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    copy = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = AutoTokenizer.from_pretrained(out)("the film was good", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(copy(ids).logits, loaded.eval()(ids).logits)
+
+
+def test_smollm2_resolves_to_one_cached_conversion(tiny_llama, tmp_path, monkeypatch):
+    """Catches: converting on every load, a cache outside AUTOPEFT_CACHE, and `autopeft plugins` converting
+    the model just to say whether it is installed."""
+    import json
+
+    import autopeft_plugins.packaged_models as packaged
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("AUTOPEFT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(packaged, "_smollm2_gguf", lambda: tmp_path / "package")
+    conversions = []
+
+    def fake_convert(folder, gguf_file, out, model_id):
+        conversions.append((folder, gguf_file, model_id))
+        shutil.copytree(tiny_llama, out, dirs_exist_ok=True)
+
+    monkeypatch.setattr(packaged, "convert_gguf", fake_convert)
+    from autopeft.cli import main
+
+    assert main(["plugins", "--json"]) == 0
+    assert not conversions
+
+    model = ModelSpec(id=packaged.SMOLLM2_ID, task="causal-lm")
+    first = resolve_model(model, load_registry())
+    second = resolve_model(model, load_registry())
+    assert first.path == second.path and first.origin.startswith("plugin packaged_models")
+    assert first.path.startswith(str(tmp_path / "cache" / "models" / "HuggingFaceTB--SmolLM2-135M-Instruct"))
+    assert conversions == [(tmp_path / "package", packaged.SMOLLM2_GGUF, packaged.SMOLLM2_ID)]
+    assert json.loads((Path(first.path) / "config.json").read_text())["model_type"] == "llama"
