@@ -188,6 +188,8 @@ def _local_model_config(spec: Spec, registry: Registry) -> Path | None:
         pass
     for found in registry.model_sources:
         if found.item.model_id == spec.model.id:
+            if found.item.is_installed is not None:
+                continue  # its files are made on first use (a conversion): validation must not pay for that
             folder = found.item.locate()
             if folder is not None and (Path(folder) / "config.json").is_file():
                 return Path(folder) / "config.json"

@@ -171,8 +171,8 @@ def test_a_dequantized_model_is_saved_as_a_plain_transformers_folder(tiny_llama,
 
 
 def test_smollm2_resolves_to_one_cached_conversion(tiny_llama, tmp_path, monkeypatch):
-    """Catches: converting on every load, a cache outside AUTOPEFT_CACHE, and `autopeft plugins` converting
-    the model just to say whether it is installed."""
+    """Catches: converting on every load, a cache outside AUTOPEFT_CACHE, and `autopeft plugins` or
+    `autopeft validate` converting the model just to say whether it is installed or what head it has."""
     import json
 
     import autopeft_plugins.packaged_models as packaged
@@ -190,6 +190,7 @@ def test_smollm2_resolves_to_one_cached_conversion(tiny_llama, tmp_path, monkeyp
     from autopeft.cli import main
 
     assert main(["plugins", "--json"]) == 0
+    assert main(["validate", str(Path(__file__).parent.parent / "examples" / "smollm2-chatterbot.yaml")]) == 0
     assert not conversions
 
     model = ModelSpec(id=packaged.SMOLLM2_ID, task="causal-lm")
