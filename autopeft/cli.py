@@ -56,19 +56,20 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from autopeft.export import export_trial
+    from autopeft.export import check_target, export_trial
     from autopeft.plan import make_plan
     from autopeft.rundir import RunDir, open_study
     from autopeft.trial import Workbench
 
     run_dir = RunDir(args.run_dir)
     spec = run_dir.load_spec()
+    out = Path(args.out)
+    check_target(out, run_dir, args.force)  # refuse before the model loads
     plan = make_plan(spec)
     study = open_study(run_dir, spec.direction)
     console = _console()
     workbench = Workbench(plan, console.log)
-    out = Path(args.out)
-    info = export_trial(study, plan, workbench, run_dir, args.trial, out)
+    info = export_trial(study, plan, workbench, run_dir, args.trial, out, force=args.force)
     console.print(f"Exported trial {args.trial} to {out}: validation {spec.metric} {info['validation'][spec.metric]:.4f}, test {info['test'][spec.metric]:.4f}")
     return 0
 
@@ -233,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="export a finished trial as a PEFT adapter folder")
     export.add_argument("run_dir", help="the run folder (output.dir of the search)")
     export.add_argument("--trial", type=int, required=True, help="trial number (see trials.csv)")
-    export.add_argument("--out", required=True, help="folder to write the adapter to")
+    export.add_argument("--out", required=True, help="folder to write the adapter to: new, empty, or an earlier export (replaced)")
+    export.add_argument("--force", action="store_true", help="replace --out even if it holds other files (never the run folder or a folder holding a study)")
     export.set_defaults(func=cmd_export)
 
     plugins = commands.add_parser("plugins", help="list variants, models, corpora and presets the installed plugins provide")

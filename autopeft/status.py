@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import ipaddress
 import math
+from collections import Counter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from autopeft.errors import AutoPeftError, RunDirError
-from autopeft.rundir import STUDY_NAME, RunDir, interrupted
+from autopeft.rundir import INTERRUPTED, STUDY_NAME, RunDir, interrupted_reason, trial_state
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -77,13 +78,13 @@ def best_trials(study: optuna.Study, spec: Spec) -> list[optuna.trial.FrozenTria
 
 
 def trial_counts(study: optuna.Study) -> dict[str, int]:
-    """How many trials are in each state; a failed trial without a reason of its own counts as interrupted."""
+    """How many trials are in each state, named as in trials.csv (``fail`` as ``failed``); a trial stopped by
+    Ctrl-C or a killed process counts as interrupted, not failed."""
     counts = dict.fromkeys(("complete", "pruned", "failed", "interrupted", "running", "waiting"), 0)
     trials = study.get_trials(deepcopy=False)
     for trial in trials:
-        state = trial.state.name.lower()
-        if state == "fail":
-            state = "interrupted" if interrupted(trial) else "failed"
+        state = trial_state(trial).lower()
+        state = "failed" if state == "fail" else state
         counts[state] = counts.get(state, 0) + 1
     counts["total"] = len(trials)
     return counts
@@ -103,6 +104,9 @@ def run_status(run_dir: RunDir) -> dict[str, Any]:
         # The same count the search compares with n_trials.
         "finished": counts["complete"] + counts["pruned"] + counts["failed"],
         "trials": counts,
+        "interrupted": [
+            {"number": t.number, "reason": interrupted_reason(t)} for t in study.get_trials(deepcopy=False) if trial_state(t) == INTERRUPTED
+        ],
         "best": [_trial_summary(t, goals) for t in best_trials(study, spec)],
     }
 
@@ -137,7 +141,7 @@ def format_status(status: dict[str, Any]) -> str:
         f"run {status['run_dir']} (study {status['study']}: {goals})",
         f"trials: {status['finished']} of {status['n_trials']} finished: {counts['complete']} complete, "
         f"{counts['pruned']} pruned, {counts['failed']} failed; {counts['running']} running, {counts['waiting']} waiting"
-        + (f", {counts['interrupted']} interrupted (run again first on resume)" if counts["interrupted"] else ""),
+        + "".join(f", {n} {reason}" for reason, n in Counter(t["reason"] for t in status.get("interrupted", [])).items()),
     ]
     best = status["best"]
     if not best:
