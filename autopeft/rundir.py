@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from autopeft.errors import RunDirError, SpecError, SpecErrors
+from autopeft.runlock import LOCK_NAME
 from autopeft.spec import Spec, parse_spec
 
 if TYPE_CHECKING:
@@ -211,8 +212,8 @@ class RunDir:
                 raise RunDirError(f"{self.path} is a file, not a folder: set output.dir (or --output) to a folder")
             self._check_managed_folders()
             if not self.study_db.exists():
-                # The search's lock file (autopeft.runlock) is made before the folder is started.
-                entries = sorted(e.name for e in os.scandir(self.path) if e.name != ".autopeft.lock")
+                # The search's lock file is made before the folder is started.
+                entries = sorted(e.name for e in os.scandir(self.path) if e.name != LOCK_NAME)
                 if entries:
                     raise RunDirError(
                         f"{self.path} is not empty ({', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}) and holds no "

@@ -16,6 +16,7 @@ import yaml
 
 from autopeft.cli import main
 from autopeft.rundir import INTERRUPTED_REASON, RunDir, write_trials_csv
+from autopeft.runlock import LOCK_NAME
 from autopeft.spec import load_spec
 from conftest import sentiment_rows, write_spec
 
@@ -27,7 +28,7 @@ def snapshot(root: Path) -> dict[str, object]:
     for folder, dirs, files in os.walk(root):
         for name in dirs + files:
             path = Path(folder) / name
-            if name == ".autopeft.lock":
+            if name == LOCK_NAME:
                 continue
             key = str(path.relative_to(root))
             if path.is_symlink():
