@@ -44,11 +44,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from autopeft.orchestrators.local import run_search
-
     plan = _plan(args.spec, args.output)
     if args.threads is not None:
         plan.spec.training.threads = args.threads
+    if plan.spec.search.backend == "ray":
+        from autopeft.orchestrators.ray_tune import run_search
+    else:
+        from autopeft.orchestrators.local import run_search
     result = run_search(plan, _console(), n_trials=args.n_trials, timeout=args.timeout)
     if result.interrupted:
         return EXIT_INTERRUPTED

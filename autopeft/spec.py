@@ -1,8 +1,9 @@
 """The spec: one YAML file that says what to search, validated into typed objects before anything heavy loads.
 
-Sections: ``model``, ``data``, ``search``, ``training``, ``output`` and an optional list of ``plugins``. Unknown
-keys are errors (a typo must not be silently ignored). Paths in ``data`` and ``plugins`` are relative to the spec
-file; ``output.dir`` is relative to the working directory, like ``--output_dir`` in Hugging Face scripts.
+Sections: ``model``, ``data``, ``search``, ``training``, ``output``, ``ray`` (for ``search.backend: ray``) and an
+optional list of ``plugins``. Unknown keys are errors (a typo must not be silently ignored). Paths in ``data`` and
+``plugins`` are relative to the spec file; ``output.dir`` is relative to the working directory, like
+``--output_dir`` in Hugging Face scripts.
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ class SearchSpec(_Section):
     n_trials: int = Field(20, ge=1)
     timeout: Optional[Union[float, str]] = Field(None, description="stop starting trials after this long: seconds, or '90s', '30m', '2h'")
     baseline: bool = Field(True, description="run each variant's default configuration first")
-    backend: Literal["optuna"] = "optuna"
+    backend: Literal["local", "ray"] = Field("local", description="where trials run: local (this process) or ray (a Ray cluster; see the ray section)")
     allocation: Optional[AllocationSpec] = Field(None, description="search a rank per module type/band/module instead of one rank")
     base_bits: list[Literal[4, 8, 16]] = Field(default_factory=lambda: [16], min_length=1, description="base-model weight bits to search (16 = not quantized)")
 
@@ -170,6 +171,12 @@ class SearchSpec(_Section):
             if not math.isfinite(bound):
                 raise ValueError(f"the bound in {show(text)} is not a finite number")
         return value
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _backend_alias(cls, value: Any) -> Any:
+        # Specs written before the Ray backend existed name the local backend after its sampler library.
+        return "local" if value == "optuna" else value
 
     @field_validator("pruner", mode="before")
     @classmethod
@@ -206,6 +213,47 @@ class TrainingSpec(_Section):
     threads: Optional[int] = Field(None, ge=1, description="CPU threads torch uses (null: torch's default, one per core)")
 
 
+class ResourcesSpec(_Section):
+    """What one trial reserves on a Ray node."""
+
+    cpu: float = Field(1, gt=0, description="CPU cores per trial (torch uses this many threads unless training.threads is set)")
+    gpu: float = Field(0, ge=0, description="GPUs per trial; a fraction (0.5) shares one GPU between trials")
+
+    @field_validator("gpu")
+    @classmethod
+    def _whole_above_one(cls, value: float) -> float:
+        if value > 1 and value != int(value):
+            raise ValueError("more than one GPU per trial must be a whole number (Ray shares a GPU only in fractions of one)")
+        return value
+
+
+_RAY_ADDRESS = re.compile(r"^(auto|\[?[A-Za-z0-9.:_-]+\]?:\d{1,5})$")
+
+
+class RaySpec(_Section):
+    """The Ray cluster ``search.backend: ray`` runs trials on."""
+
+    address: Optional[str] = Field(None, description="null: start Ray on this machine; 'auto' or 'HOST:PORT': join a running cluster")
+    max_concurrent: int = Field(2, ge=1, description="trials running at once")
+    resources_per_trial: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    max_failures: int = Field(1, ge=0, description="times a trial whose worker process or node died is run again before it is recorded failed")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: Optional[str]) -> Optional[str]:
+        if value is None:
+            return None
+        if value.startswith("ray://"):
+            # Ray Client runs Tune's loop on the head node, away from the study the search process owns.
+            raise ValueError(
+                "Ray Client addresses (ray://) are not supported: run `autopeft search` on a machine of the cluster "
+                "with address 'auto' (or submit it with `ray job submit -- autopeft search SPEC`)"
+            )
+        if not _RAY_ADDRESS.match(value):
+            raise ValueError("give 'auto' (the cluster this machine belongs to) or the head node's HOST:PORT (e.g. 10.0.0.5:6379)")
+        return value
+
+
 class OutputSpec(_Section):
     dir: Optional[PathText] = Field(None, description="run folder; default runs/<spec file name>")
 
@@ -218,6 +266,7 @@ class Spec(_Section):
     search: SearchSpec = Field(default_factory=SearchSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    ray: RaySpec = Field(default_factory=RaySpec, description="the Ray cluster, for search.backend: ray")
     plugins: list[PathText] = Field(default_factory=list, description="plugin files or folders to load")
 
     # Set by load_spec; not part of the YAML.
