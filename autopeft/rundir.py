@@ -348,11 +348,14 @@ def _differences(old: Any, new: Any, prefix: tuple[str, ...] = ()) -> list[str]:
 
 def trial_state(trial: optuna.trial.FrozenTrial) -> str:
     """The state trials.csv, the report and ``autopeft status`` show: Optuna's, except that a trial stopped
-    from outside (Ctrl-C, a killed process) is ``INTERRUPTED`` rather than ``FAIL``."""
+    from outside (Ctrl-C, a killed process) is ``INTERRUPTED`` rather than ``FAIL``, and a configuration the
+    sampler proposed again after it had run is ``SKIPPED`` (never trained)."""
     import optuna
 
     if trial.state == optuna.trial.TrialState.FAIL and interrupted(trial):
         return INTERRUPTED
+    if duplicate(trial):
+        return "SKIPPED"
     return trial.state.name
 
 
@@ -377,7 +380,11 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
         row["trainable_params"] = attrs.get("trainable_params")
         row["steps"] = attrs.get("steps")
         row["seconds"] = round(trial.duration.total_seconds(), 2) if trial.duration else None
-        row["failure_reason"] = interrupted_reason(trial) if state == INTERRUPTED else attrs.get("failure_reason", "") or attrs.get("pruned_reason", "")
+        row["failure_reason"] = (
+            interrupted_reason(trial) if state == INTERRUPTED
+            else f"skipped: the same configuration as trial {attrs['duplicate_of']}, already run" if duplicate(trial)
+            else attrs.get("failure_reason", "") or attrs.get("pruned_reason", "")
+        )
         rows.append(row)
     return rows
 
@@ -417,11 +424,17 @@ def open_study(run_dir: RunDir, direction: str, sampler: optuna.samplers.BaseSam
     )
 
 
+def duplicate(trial: optuna.trial.FrozenTrial) -> bool:
+    """A trial skipped because the sampler proposed a configuration that had already run (never trained)."""
+    return "duplicate_of" in trial.user_attrs
+
+
 def interrupted(trial: optuna.trial.FrozenTrial) -> bool:
+    """A trial that did not finish for a reason outside its configuration (Ctrl-C, a killed process, a full disk)."""
     import optuna
 
     return trial.state == optuna.trial.TrialState.RUNNING or (
-        trial.state == optuna.trial.TrialState.FAIL and "failure_reason" not in trial.user_attrs
+        trial.state == optuna.trial.TrialState.FAIL and "failure_reason" not in trial.user_attrs and not duplicate(trial)
     )
 
 
@@ -430,7 +443,7 @@ def finished_trials(study: optuna.Study) -> int:
     import optuna
 
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-    return sum(1 for t in study.get_trials(deepcopy=False, states=done) if not interrupted(t))
+    return sum(1 for t in study.get_trials(deepcopy=False, states=done) if not interrupted(t) and not duplicate(t))
 
 
 def trial_record(study: optuna.Study, number: int) -> dict[str, Any]:

@@ -22,6 +22,7 @@ What the driver guarantees:
 
 from __future__ import annotations
 
+import socket
 import time
 import traceback
 import warnings
@@ -124,18 +125,62 @@ def sample_config(trial: optuna.Trial, plan: Plan, sites: list) -> TrialConfig:
     return TrialConfig(variant, params, ranks, bits, base_bits)
 
 
+WORKER = {"host": socket.gethostname()}
+
+
+def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Queue an interrupted trial's configuration to run again, first (its deaths so far travel with it)."""
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "deaths": trial.user_attrs.get("deaths", 0)})
+
+
+def requeue_dead(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """A trial whose process died (now FAIL without a reason): run it again, unless its configuration has now
+    killed a process :data:`MAX_DEATHS` times; then record it failed with that reason (a trial that counts)."""
+    import optuna
+
+    deaths = trial.user_attrs.get("deaths", 0) + 1
+    if deaths < MAX_DEATHS:
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "deaths": deaths})
+        return
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=optuna.trial.TrialState.FAIL,
+            params=trial.params,
+            distributions=trial.distributions,
+            user_attrs={
+                **{k: v for k, v in trial.user_attrs.items() if k in ("variant", "config", "seed", "worker")},
+                "retry_of": trial.number,
+                "deaths": deaths,
+                "failure_reason": f"the process died {deaths} times while running this configuration "
+                "(killed, out of memory, or the variant exited); it is not run again",
+            },
+        )
+    )
+
+
 class Driver:
     """Owns a run's study. Use as a context manager: entering locks the run folder and opens the study."""
 
-    def __init__(self, plan: Plan, console: Console, n_trials: int | None = None, timeout: float | None = None, constant_liar: bool = False) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        console: Console,
+        n_trials: int | None = None,
+        timeout: float | None = None,
+        constant_liar: bool = False,
+        storage: optuna.storages.BaseStorage | None = None,
+    ) -> None:
+        """``storage``: a study shared with other workers (:mod:`autopeft.orchestrators.worker`). Without it the
+        study is ``RUN_DIR/study.db`` and this driver is its only writer, under the run-folder lock."""
         self.plan = plan
         self.spec = plan.spec
         self.console = console
         self.n_trials = n_trials or self.spec.search.n_trials
         self.timeout = timeout or self.spec.search.timeout
         self.constant_liar = constant_liar
+        self.shared_storage = storage
         self.run_dir = RunDir(self.spec.run_dir)
-        self.lock = RunLock(self.run_dir.path)
+        self.lock = RunLock(self.run_dir.path) if storage is None else None
         self.study: optuna.Study | None = None
         self.opened = time.monotonic()
         self.data_checked = False
@@ -144,14 +189,15 @@ class Driver:
     # -- opening and closing -----------------------------------------------------------------------------------
 
     def __enter__(self) -> Driver:
-        self.lock.acquire()
+        if self.lock is not None:
+            self.lock.acquire()
         try:
             self.run_dir.start(self.spec)
             self.study = self._open_study()
             check_space(self.study, self.plan)
             self._queue_work()
         except BaseException:
-            self.lock.release()
+            self._release()
             raise
         self.opened = time.monotonic()
         return self
@@ -165,27 +211,38 @@ class Driver:
             if error is None:
                 error = failure
         finally:
-            self.lock.release()
+            self._release()
         # A full disk can strike anywhere (SQLite, an adapter, trials.csv): it always ends as one clear stop.
         if error is not None and not isinstance(error, OutOfSpace) and is_out_of_space(error):
             raise OutOfSpace(self.run_dir.path, error) from error
         if error is not None and kind is None:
             raise error
 
+    def _release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
     def _open_study(self) -> optuna.Study:
+        import os
+        import zlib
+
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         objectives = self.spec.objectives()
         study = optuna.create_study(
             study_name="autopeft",
-            storage=self.run_dir.storage_url,
+            storage=self.shared_storage or self.run_dir.storage_url,
             pruner=optuna_pruner(self.spec.search.pruner) if len(objectives) == 1 else None,
             directions=[direction for _, direction in objectives],
             load_if_exists=True,
         )
-        # Seeded by the study's length: a resumed search continues the sequence instead of replaying it.
-        study.sampler = make_sampler(self.spec, offset=len(study.get_trials(deepcopy=False)), constant_liar=self.constant_liar)
+        # Seeded by the study's length (and, for a shared study, by who this worker is): a resumed search
+        # continues the sequence instead of replaying it, and two workers do not draw the same sequence.
+        offset = len(study.get_trials(deepcopy=False))
+        if self.shared_storage is not None:
+            offset += zlib.crc32(f"{WORKER['host']}:{os.getpid()}".encode())
+        study.sampler = make_sampler(self.spec, offset=offset, constant_liar=self.constant_liar)
         study.set_user_attr("objectives", [{"name": name, "direction": direction} for name, direction in objectives])
         return study
 
@@ -194,26 +251,17 @@ class Driver:
         import optuna
 
         study = self.study
-        storage = study._storage
         trials = study.get_trials(deepcopy=False)
-        retried = {t.user_attrs.get("retry_of") for t in trials}
-        for trial in trials:
-            if trial.state == optuna.trial.TrialState.RUNNING:
-                # Left behind by a process that died: the lock guarantees no live process is running it.
-                deaths = trial.user_attrs.get("deaths", 0) + 1
-                if deaths >= MAX_DEATHS:
-                    storage.set_trial_user_attr(
-                        trial._trial_id,
-                        "failure_reason",
-                        f"the process died {deaths} times while running this configuration "
-                        "(killed, out of memory, or the variant exited); it is not run again",
-                    )
-                else:
-                    storage.set_trial_user_attr(trial._trial_id, "deaths", deaths)
-                storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-                trial = study._storage.get_trial(trial._trial_id)
-            if interrupted(trial) and trial.number not in retried and trial.params:
-                study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "deaths": trial.user_attrs.get("deaths", 0)})
+        if self.shared_storage is None:
+            retried = {t.user_attrs.get("retry_of") for t in trials}
+            for trial in trials:
+                if trial.state == optuna.trial.TrialState.RUNNING:
+                    # Left behind by a process that died: the lock guarantees no live process is running it.
+                    study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+                    requeue_dead(study, trial)
+                elif interrupted(trial) and trial.number not in retried and trial.params:
+                    requeue(study, trial)
+        # (Shared studies: workers detect dead trials by heartbeat, and re-queue interrupted ones as they stop.)
         if not trials and self.spec.search.baseline:
             for variant, space in self.plan.spaces.items():
                 params = defaults(variant, space)
@@ -249,6 +297,8 @@ class Driver:
 
         Raises :class:`SpaceExhausted` when every proposal for a long while was a configuration already run.
         """
+        import os
+
         import optuna
 
         trial = self.study.ask()
@@ -269,6 +319,7 @@ class Driver:
             return None
         self.duplicates_in_a_row = 0
         seed = self.spec.search.seed + trial.number
+        trial.set_user_attr("worker", {**WORKER, "pid": os.getpid()})
         trial.set_user_attr("variant", config.variant)
         trial.set_user_attr("seed", seed)
         trial.set_user_attr("config", config.to_json())
@@ -341,6 +392,7 @@ class Driver:
 
         ticket.trial.set_user_attr("interrupted", why)
         self.study.tell(ticket.trial, state=optuna.trial.TrialState.FAIL)
+        requeue(self.study, self.study._storage.get_trial(ticket.trial._trial_id))
 
     def settle(self, ticket: Ticket, error: BaseException) -> str:
         """Record a trial that raised ``error``: pruned, out of space (raised again as a stop) or failed."""
@@ -357,9 +409,7 @@ class Driver:
     def _fail(self, trial: optuna.Trial, reason: str, details: str) -> None:
         import optuna
 
-        log = self.run_dir.log(trial.number)
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text(details)
+        self.run_dir.write_log(trial.number, details)
         trial.set_user_attr("failure_reason", reason)
         self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
 
