@@ -57,13 +57,32 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0 if result.best_trial is not None else 1
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from autopeft.orchestrators.worker import run_worker
+    from autopeft.storage import StorageError
+
+    plan = _plan(args.spec, args.output)
+    if args.threads is not None:
+        plan.spec.training.threads = args.threads
+    storage = args.storage or plan.spec.storage
+    if not storage:
+        raise StorageError(f"{args.spec}: storage: got None; a worker joins a shared study: give --storage URL or storage: in the spec")
+    result = run_worker(
+        plan, _console(), storage, n_trials=args.n_trials, timeout=args.timeout,
+        heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period,
+    )
+    if result.interrupted:
+        return EXIT_INTERRUPTED
+    return 0 if result.best_trial is not None else 1
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from autopeft.export import check_target, export_trial
     from autopeft.plan import make_plan
     from autopeft.rundir import RunDir, open_study
     from autopeft.trial import Workbench
 
-    run_dir = RunDir(args.run_dir)
+    run_dir = RunDir(args.run_dir, storage=args.storage)
     spec = run_dir.load_spec()
     out = Path(args.out)
     check_target(out, run_dir, args.force)  # refuse before the model loads
@@ -163,7 +182,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from autopeft.report import write_report
     from autopeft.rundir import RunDir
 
-    path = write_report(RunDir(args.run_dir))
+    path = write_report(RunDir(args.run_dir, storage=args.storage))
     _console().print(f"Report: {path} (figures in {path.parent / 'report'})")
     return 0
 
@@ -172,7 +191,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from autopeft.rundir import RunDir
     from autopeft.status import format_status, run_status
 
-    status = run_status(RunDir(args.run_dir))
+    status = run_status(RunDir(args.run_dir, storage=args.storage))
     print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0
 
@@ -181,7 +200,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from autopeft.rundir import RunDir
     from autopeft.status import dashboard_server, is_loopback, server_url
 
-    server = dashboard_server(RunDir(args.run_dir), args.host, args.port)
+    server = dashboard_server(RunDir(args.run_dir, storage=args.storage), args.host, args.port)
     if not is_loopback(args.host):
         _console(stderr=True).print(f"[yellow]warning:[/] serving on {args.host}: anyone who can reach it can read and delete this study")
     print(f"optuna-dashboard for {args.run_dir}: {server_url(server)} (Ctrl-C to stop)", flush=True)
@@ -229,6 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--threads", type=_positive_int, help="override training.threads: CPU threads torch uses")
     search.set_defaults(func=cmd_search)
 
+    worker = commands.add_parser("worker", help="join a study shared in a database and run its trials (start several, on any machines)")
+    worker.add_argument("spec", help="path to the spec YAML file (the same for every worker)")
+    worker.add_argument("--storage", help="the shared study: postgresql+psycopg2://user@host/db (any machines) or journal:PATH (one host); default: storage: in the spec")
+    worker.add_argument("--n-trials", type=int, help="override search.n_trials: finished trials the study needs")
+    worker.add_argument("--timeout", type=float, help="override search.timeout, in seconds")
+    worker.add_argument("--output", help="override output.dir: this worker's folder for adapters, logs and best/")
+    worker.add_argument("--threads", type=_positive_int, help="override training.threads: CPU threads torch uses")
+    worker.add_argument("--heartbeat-interval", type=_positive_int, default=10, help="seconds between a running trial's heartbeats (default 10)")
+    worker.add_argument("--grace-period", type=_positive_int, default=30, help="seconds without a heartbeat after which a trial's worker is taken as dead and the trial runs again (default 30)")
+    worker.set_defaults(func=cmd_worker)
+
     validate = commands.add_parser("validate", help="check a spec without loading any model")
     validate.add_argument("spec")
     validate.set_defaults(func=cmd_validate)
@@ -238,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--trial", type=int, required=True, help="trial number (see trials.csv)")
     export.add_argument("--out", required=True, help="folder to write the adapter to: new, empty, or an earlier export (replaced)")
     export.add_argument("--force", action="store_true", help="replace --out even if it holds other files (never the run folder or a folder holding a study)")
+    export.add_argument("--storage", help="a shared study's URL (autopeft worker --storage); default: the run folder's study.db")
     export.set_defaults(func=cmd_export)
 
     plugins = commands.add_parser("plugins", help="list variants, models, corpora and presets the installed plugins provide")
@@ -249,17 +280,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="write RUN_DIR/report.html: figures, best trial and all trials of a run")
     report.add_argument("run_dir", help="the run folder (output.dir of the search)")
+    report.add_argument("--storage", help="a shared study's URL (autopeft worker --storage); default: the run folder's study.db")
     report.set_defaults(func=cmd_report)
 
     status = commands.add_parser("status", help="show the trials and the best so far of a running or finished run")
     status.add_argument("run_dir", help="the run folder (output.dir of the search)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--storage", help="a shared study's URL (autopeft worker --storage); default: the run folder's study.db")
     status.set_defaults(func=cmd_status)
 
     dashboard = commands.add_parser("dashboard", help="open the run's study in optuna-dashboard (pip install 'autopeft[dashboard]')")
     dashboard.add_argument("run_dir", help="the run folder (output.dir of the search)")
     dashboard.add_argument("--port", type=int, default=8080, help="port to listen on (0: any free port; default 8080)")
     dashboard.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    dashboard.add_argument("--storage", help="a shared study's URL (autopeft worker --storage); default: the run folder's study.db")
     dashboard.set_defaults(func=cmd_dashboard)
     return parser
 

@@ -163,8 +163,11 @@ def saved_spec(spec: Spec) -> dict[str, Any]:
 class RunDir:
     """A run folder (see the module docstring). Paths are not resolved: they name what the user named."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, storage: str | None = None) -> None:
+        """``storage``: the URL of a study shared by workers (:mod:`autopeft.storage`); without it the study is
+        this folder's ``study.db``."""
         self.path = Path(path)
+        self.storage = storage
 
     @property
     def study_db(self) -> Path:
@@ -172,7 +175,19 @@ class RunDir:
 
     @property
     def storage_url(self) -> str:
-        return f"sqlite:///{self.study_db.resolve()}"
+        return self.storage or f"sqlite:///{self.study_db.resolve()}"
+
+    def has_study(self) -> bool:
+        """Whether the run's study exists (a shared study is taken to exist; opening it says if not)."""
+        return self.storage is not None or self.study_db.is_file()
+
+    def open_storage(self) -> optuna.storages.BaseStorage:
+        """The run's study storage, opened for reading without creating tables or changing a schema."""
+        from autopeft.storage import open_storage
+
+        if not self.has_study():
+            raise RunDirError(f"{self.path} has no study.db: it is not an autopeft run folder (or give --storage URL for a shared study)")
+        return open_storage(self.storage_url, create=False)
 
     @property
     def spec_file(self) -> Path:
@@ -211,7 +226,7 @@ class RunDir:
             if not self.path.is_dir():
                 raise RunDirError(f"{self.path} is a file, not a folder: set output.dir (or --output) to a folder")
             self._check_managed_folders()
-            if not self.study_db.exists():
+            if not self.has_study() and not self.study_db.exists():
                 # The search's lock file is made before the folder is started.
                 entries = sorted(e.name for e in os.scandir(self.path) if e.name != LOCK_NAME)
                 if entries:
@@ -275,8 +290,8 @@ class RunDir:
 
     def load_spec(self) -> Spec:
         """The spec this run was started with. Raises :class:`RunDirError` when the folder is not a run."""
-        if not self.spec_file.is_file() or not self.study_db.is_file():
-            raise RunDirError(f"{self.path} is not an autopeft run folder (it needs spec.yaml and study.db)")
+        if not self.spec_file.is_file() or not self.has_study():
+            raise RunDirError(f"{self.path} is not an autopeft run folder (it needs spec.yaml and study.db, or --storage URL for a shared study)")
         return self._read_saved_spec(
             f"delete it and run `autopeft search` with this run's spec file and --output {self.path} to write it again "
             "(the trials in study.db are kept and not repeated)"
@@ -416,9 +431,10 @@ def open_study(run_dir: RunDir, direction: str, sampler: optuna.samplers.BaseSam
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if sampler is None:
-        if not run_dir.study_db.is_file():
-            raise RunDirError(f"{run_dir.path} has no study.db: it is not an autopeft run folder")
-        return optuna.load_study(study_name=STUDY_NAME, storage=run_dir.storage_url)
+        try:
+            return optuna.load_study(study_name=STUDY_NAME, storage=run_dir.open_storage())
+        except KeyError:
+            raise RunDirError(f"{run_dir.storage_url if run_dir.storage else run_dir.study_db} holds no study named {STUDY_NAME!r}") from None
     return optuna.create_study(
         study_name=STUDY_NAME, storage=run_dir.storage_url, sampler=sampler, direction=direction, load_if_exists=True
     )

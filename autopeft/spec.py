@@ -267,6 +267,9 @@ class Spec(_Section):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     ray: RaySpec = Field(default_factory=RaySpec, description="the Ray cluster, for search.backend: ray")
+    storage: Optional[str] = Field(
+        None, description="a study shared by `autopeft worker` processes: a database URL (postgresql+psycopg2://user@host/db) or journal:PATH"
+    )
     plugins: list[PathText] = Field(default_factory=list, description="plugin files or folders to load")
 
     # Set by load_spec; not part of the YAML.

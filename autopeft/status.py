@@ -30,15 +30,10 @@ class Objective(NamedTuple):
     direction: str  # "maximize" or "minimize"
 
 
-def read_storage(run_dir: RunDir) -> optuna.storages.RDBStorage:
-    """The run's study storage, opened without creating tables or touching an existing schema."""
-    import optuna
-
-    if not run_dir.study_db.is_file():
-        raise RunDirError(f"{run_dir.path} has no study.db: it is not an autopeft run folder")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # A reader must never write to a database that a running search owns.
-    return optuna.storages.RDBStorage(run_dir.storage_url, skip_table_creation=True)
+def read_storage(run_dir: RunDir) -> optuna.storages.BaseStorage:
+    """The run's study storage, opened without creating tables or touching an existing schema (a reader must
+    never write to a database that a running search owns)."""
+    return run_dir.open_storage()
 
 
 def read_study(run_dir: RunDir) -> optuna.Study:
@@ -49,7 +44,7 @@ def read_study(run_dir: RunDir) -> optuna.Study:
     try:
         return optuna.load_study(study_name=STUDY_NAME, storage=storage)
     except KeyError:
-        raise RunDirError(f"{run_dir.study_db} holds no study named {STUDY_NAME!r}") from None
+        raise RunDirError(f"{run_dir.storage_url if run_dir.storage else run_dir.study_db} holds no study named {STUDY_NAME!r}") from None
 
 
 def objectives(study: optuna.Study, spec: Spec) -> list[Objective]:

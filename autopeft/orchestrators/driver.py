@@ -169,9 +169,11 @@ class Driver:
         timeout: float | None = None,
         constant_liar: bool = False,
         storage: optuna.storages.BaseStorage | None = None,
+        storage_url: str | None = None,
     ) -> None:
-        """``storage``: a study shared with other workers (:mod:`autopeft.orchestrators.worker`). Without it the
-        study is ``RUN_DIR/study.db`` and this driver is its only writer, under the run-folder lock."""
+        """``storage`` (opened from ``storage_url``): a study shared with other workers
+        (:mod:`autopeft.orchestrators.worker`). Without it the study is ``RUN_DIR/study.db`` and this driver is its
+        only writer, under the run-folder lock."""
         self.plan = plan
         self.spec = plan.spec
         self.console = console
@@ -179,7 +181,7 @@ class Driver:
         self.timeout = timeout or self.spec.search.timeout
         self.constant_liar = constant_liar
         self.shared_storage = storage
-        self.run_dir = RunDir(self.spec.run_dir)
+        self.run_dir = RunDir(self.spec.run_dir, storage=storage_url)
         self.lock = RunLock(self.run_dir.path) if storage is None else None
         self.study: optuna.Study | None = None
         self.opened = time.monotonic()
@@ -444,8 +446,15 @@ class Driver:
 
     # -- the end -----------------------------------------------------------------------------------------------
 
-    def finish(self, workbench: Workbench | None, stopped_by_user: bool = False, workbench_factory: Callable[[], Workbench] | None = None) -> SearchResult:
-        """Select ``best/`` (and the front), export them, write the report, print the summary."""
+    def finish(
+        self,
+        workbench: Workbench | None,
+        stopped_by_user: bool = False,
+        workbench_factory: Callable[[], Workbench] | None = None,
+        export: bool = True,
+    ) -> SearchResult:
+        """Select ``best/`` (and the front), export them (unless ``export`` is False: a worker that is not the
+        last one out), write the report, print the summary."""
         from autopeft.progress import best_trials_table
 
         study, spec, run_dir, console = self.study, self.spec, self.run_dir, self.console
@@ -463,6 +472,12 @@ class Driver:
             self._write_report()
             console.print(f"[red]No trial finished successfully{' within the constraints' if spec.search.constraints else ''}.[/] {self._failure_summary()}")
             return SearchResult(run_dir, self.finished(), None, front)
+        if not export:
+            console.print(
+                f"The study's best so far is trial {best}; trials are still running in other workers, and the last "
+                f"worker to stop exports best/. Any time: autopeft export {run_dir.path} --storage URL --trial {best} --out DIR"
+            )
+            return SearchResult(run_dir, self.finished(), best, front)
         self.export(workbench, best, front, workbench_factory)
         self._write_report()
         console.print(best_trials_table(study, spec))

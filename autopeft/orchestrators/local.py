@@ -11,7 +11,8 @@ killed process) is not counted; its configuration is queued to run again first.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Callable, ContextManager
 
 from rich.console import Console
 
@@ -84,7 +85,7 @@ def run_search(plan: Plan, console: Console, n_trials: int | None = None, timeou
                         break
                     if workbench is None:
                         workbench = load_workbench(plan, driver, progress.message)
-                    _run_one(driver, workbench, progress)
+                    run_one(driver, workbench, progress)
             except KeyboardInterrupt:
                 stopped_by_user = True
             except SpaceExhausted as exhausted:
@@ -92,7 +93,9 @@ def run_search(plan: Plan, console: Console, n_trials: int | None = None, timeou
         return driver.finish(workbench, stopped_by_user, workbench_factory=lambda: load_workbench(plan, driver, console.log))
 
 
-def _run_one(driver: Driver, workbench: Workbench, progress: SearchProgress) -> None:
+def run_one(driver: Driver, workbench: Workbench, progress: SearchProgress, around_trial: Callable[[int], ContextManager] = lambda trial_id: nullcontext()) -> None:
+    """Ask the driver for a trial, run it here, and hand the outcome back. ``around_trial(trial_id)`` wraps the
+    run (workers beat a heartbeat there)."""
     ticket = driver.ask(workbench.sites)
     if ticket is None:
         return  # a configuration already run: skipped, not counted
@@ -102,7 +105,8 @@ def _run_one(driver: Driver, workbench: Workbench, progress: SearchProgress) -> 
     progress.start_trial(ticket.number, ticket.config.variant, ticket.trial.params)
     monitor = TrialMonitor(driver, ticket, progress)
     try:
-        outcome = workbench.run_trial(ticket.config, ticket.seed, listener=monitor, save_to=driver.run_dir.adapter(ticket.number))
+        with around_trial(ticket.trial._trial_id):
+            outcome = workbench.run_trial(ticket.config, ticket.seed, listener=monitor, save_to=driver.run_dir.adapter(ticket.number))
     except KeyboardInterrupt:
         driver.interrupted(ticket, "stopped with Ctrl-C")
         raise
