@@ -304,14 +304,23 @@ def test_sqlite_disk_full_is_recognised_as_out_of_space(tmp_path):
 # -- resume refuses a changed space or changed data ------------------------------------------------------------------
 
 
-def test_resume_refuses_a_preset_file_whose_ranges_changed(tmp_path, classification_spec):
-    """Catches: fingerprinting only the spec's own keys (a preset file's ranges changed silently mixed spaces)."""
+@pytest.mark.parametrize(
+    "before, after",
+    [("lora.r: [2, 4]", "lora.r: [2, 4, 8]"), ("lora.dropout: {low: 0.0, high: 0.1}", "lora.dropout: {low: 0.0, high: 0.2}")],
+    ids=["choices", "range"],
+)
+def test_resume_refuses_a_preset_file_whose_space_changed(tmp_path, classification_spec, capsys, before, after):
+    """Catches: fingerprinting only the spec's own keys. A preset's changed range was silently mixed into the
+    study; changed choices crashed in Optuna ('dynamic value space'). Both are refused, naming the parameter."""
     preset = tmp_path / "my-preset.yaml"
-    preset.write_text("space:\n  lora.r: [2, 4]\n")
+    preset.write_text(f"space:\n  {before}\n")
     spec = write_spec(tmp_path, model=_model(classification_spec), data=_data(classification_spec), search={"variants": ["lora"], "preset": str(preset), "n_trials": 1, "space": {"learning_rate": {"low": 5e-3, "high": 2e-2}}})
     assert main(["search", str(spec)]) == 0
-    preset.write_text("space:\n  lora.r: [2, 4, 8]\n")
+    preset.write_text(f"space:\n  {after}\n")
+    capsys.readouterr()
     assert main(["search", str(spec), "--n-trials", "2"]) == 2
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert "search space" in err and before.split(":")[0] in err and "Traceback" not in err
     assert len(trials(tmp_path / "run")) == 1
 
 
