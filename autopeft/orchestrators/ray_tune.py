@@ -160,12 +160,11 @@ def train_on_worker(config: dict[str, Any], job: dict[str, Any]) -> None:
     import torch
 
     from autopeft.trial import TrialConfig
-
     for name, value in job["env"].items():
         os.environ.setdefault(name, value)
     # A stopped trial's thread may take a while to restore a large base model; reusing the worker waits for it.
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "120")
-    where: dict[str, Any] = {"node": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
+    where: dict[str, Any] = {"node": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid(), "started": time.time()}
     with _WORKBENCH_LOCK:
         torch.set_num_threads(job["threads"])
         try:
@@ -178,11 +177,12 @@ def train_on_worker(config: dict[str, Any], job: dict[str, Any]) -> None:
         reporter = _TuneReporter(where, fingerprint)
         try:
             with tempfile.TemporaryDirectory(prefix="autopeft-trial-") as folder:
-                started = time.time()
                 outcome = workbench.run_trial(TrialConfig.from_json(config["config"]), config["seed"], listener=reporter, save_to=Path(folder) / "adapter")
                 adapter = _read_adapter(Path(folder) / "adapter")
         except _StoppedByTune:
-            return
+            # The base model is restored (run_trial's finally). Tune ends a stopped trial's thread with exit code
+            # 0; returning instead would make Tune's wrapper report once more and wait for an answer forever.
+            raise SystemExit(0) from None
         except Exception as error:
             reason = error.reason if isinstance(error, TrialFailed) else f"{type(error).__name__}: {error}"
             reporter.send("failed", reason=reason, details=traceback.format_exc(), out_of_space=is_out_of_space(error))
@@ -192,7 +192,7 @@ def train_on_worker(config: dict[str, Any], job: dict[str, Any]) -> None:
             reporter.send("failed", reason=f"the variant called sys.exit({error.code!r})", details="", out_of_space=False)
             return
         outcome_fields = {"metrics": outcome.metrics, "costs": outcome.costs, "steps": outcome.steps, "history": outcome.history}
-        reporter.send("outcome", outcome=outcome_fields, adapter=adapter, started=started, ended=time.time())
+        reporter.send("outcome", outcome=outcome_fields, adapter=adapter, ended=time.time())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -448,7 +448,7 @@ class _RaySearch:
             reason = driver.judge_rung(ticket, step, metrics, float(result["elapsed"]))
         elif kind == "outcome":
             entry.outcome, entry.adapter = result["outcome"], result.get("adapter")
-            entry.where.update(started=result.get("started"), ended=result.get("ended"))
+            entry.where["ended"] = result.get("ended")
             reason = None
         elif kind == "failed":
             entry.failure = result

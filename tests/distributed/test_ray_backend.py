@@ -1,0 +1,235 @@
+"""The Ray backend on a real two-node Ray cluster: trials on both nodes at once, early stopping by the scheduler,
+a worker process killed mid-trial, and the search process killed mid-search and started again.
+
+Trials use ``paced`` variants (LoRA that sleeps after each step, loaded from a plugin file like any user plugin) so
+that a trial lasts long enough to overlap another one or to be killed while it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from contextlib import closing
+from pathlib import Path
+
+import optuna
+
+from autopeft.cli import main
+from autopeft.rundir import RunDir
+from conftest import plain_peft_test_predictions, write_spec
+
+PACED_PLUGIN = '''
+import time
+
+from autopeft import FloatParam, IntParam, Variant, hookimpl, shared
+
+
+class Paced(Variant):
+    summary = "LoRA that sleeps after every optimizer step"
+
+    def __init__(self, name, default_r):
+        self.name = name
+        self.default_r = default_r
+        self.pace = 0.0
+
+    def search_space(self):
+        return {
+            "learning_rate": shared("learning_rate"),
+            "r": IntParam(2, 64, default=self.default_r, log=True),
+            "pace": FloatParam(0.0, 2.0, default=0.0, help="seconds to sleep after each step"),
+        }
+
+    def attach(self, model, params, context):
+        from peft import LoraConfig, get_peft_model
+
+        self.pace = params["pace"]
+        return get_peft_model(model, LoraConfig(task_type=context.peft_task_type, target_modules=context.target_modules, r=params["r"]))
+
+    def on_step(self, model, step, context):
+        time.sleep(self.pace)
+
+
+@hookimpl
+def autopeft_variants():
+    # Two small ones and a wide one: LoRA r=16 on a hidden size of 32 has 4162 trainable parameters.
+    return [Paced("paced", 2), Paced("paced-again", 2), Paced("paced-wide", 16)]
+'''
+
+
+def paced_spec(tmp_path: Path, tiny_bert: Path, sentiment_csv: Path, address: str, variants: list[str], pace: float, n_trials: int, **sections) -> Path:
+    plugin = tmp_path / "paced.py"
+    plugin.write_text(PACED_PLUGIN)
+    space = {"learning_rate": {"low": 5e-3, "high": 2e-2}}
+    for variant in variants:
+        space[f"{variant}.pace"] = pace
+        space[f"{variant}.r"] = 16 if variant == "paced-wide" else {"low": 2, "high": 8}
+    search = {"variants": variants, "n_trials": n_trials, "seed": 0, "backend": "ray", "space": space, **sections.pop("search", {})}
+    return write_spec(
+        tmp_path,
+        model={"id": str(tiny_bert)},
+        data={"source": str(sentiment_csv)},
+        search=search,
+        ray={"address": address, "max_concurrent": 2, "max_failures": 1, **sections.pop("ray", {})},
+        plugins=[str(plugin)],
+        **sections,
+    )
+
+
+def study_trials(run_dir: Path) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name="autopeft", storage=RunDir(run_dir).storage_url).get_trials(deepcopy=False)
+
+
+def running_workers(run_dir: Path) -> dict[int, dict]:
+    """``{trial number: its "ray" user attribute}`` of the trials RUNNING now, read as a separate reader would
+    while the search writes (SQLite may be busy for a moment)."""
+    database = run_dir / "study.db"
+    for _ in range(50):
+        if not database.is_file():
+            return {}
+        try:
+            with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5)) as connection:
+                rows = connection.execute(
+                    "SELECT t.number, a.value_json FROM trials t JOIN trial_user_attributes a ON a.trial_id = t.trial_id "
+                    "WHERE t.state = 'RUNNING' AND a.key = 'ray'"
+                ).fetchall()
+            return {number: json.loads(value) for number, value in rows}
+        except sqlite3.OperationalError:
+            time.sleep(0.1)
+    raise AssertionError(f"{database} stayed locked")
+
+
+def states(run_dir: Path) -> dict[int, str]:
+    database = run_dir / "study.db"
+    for _ in range(50):
+        try:
+            with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5)) as connection:
+                return dict(connection.execute("SELECT number, state FROM trials").fetchall())
+        except sqlite3.OperationalError:
+            time.sleep(0.1)
+    raise AssertionError(f"{database} stayed locked")
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_trials_run_on_both_nodes_at_once_the_scheduler_prunes_and_best_loads_in_plain_peft(tmp_path, tiny_bert, sentiment_csv, ray_cluster):
+    """Four trials, two at a time, on a head and a worker node.
+
+    Catches: the scheduler not stopping a trial its report condemns (``StudyScheduler.on_trial_result`` returning
+    CONTINUE: the wide baseline trains to the end and is recorded COMPLETE), ``max_concurrent_trials`` dropped
+    (trials run one after another: no overlap, one node), ``reuse_actors`` dropped or the per-process workbench
+    cache removed (a new process, or a second load, per trial), and adapter files not shipped back to the driver
+    (no ``best/``).
+    """
+    spec = paced_spec(
+        tmp_path, tiny_bert, sentiment_csv, ray_cluster, ["paced", "paced-again", "paced-wide"], pace=0.15, n_trials=4,
+        search={"constraints": ["trainable_params <= 2500"]},
+    )
+    assert main(["search", str(spec)]) == 0
+    run_dir = tmp_path / "run"
+    trials = study_trials(run_dir)
+
+    assert sorted(t.state.name for t in trials).count("FAIL") == 0 and len(trials) == 4
+    # The wide baseline (trial 2) breaks the size constraint: the scheduler stops it at attach, before any step.
+    pruned = [t for t in trials if t.state.name == "PRUNED"]
+    assert 2 in [t.number for t in pruned]
+    for trial in pruned:
+        assert trial.user_attrs["variant"] == "paced-wide"
+        assert trial.user_attrs["pruned_reason"].startswith("violates trainable_params <= 2500")
+        assert trial.user_attrs["steps"] == 0
+    assert all(t.user_attrs["variant"] != "paced-wide" for t in trials if t.state.name == "COMPLETE")
+
+    where = {t.number: t.user_attrs["ray"] for t in trials}
+    assert len({w["node"] for w in where.values()}) == 2, where
+    # The two small baselines started together, one on each node, and their runs overlapped.
+    first, second = where[0], where[1]
+    assert first["node"] != second["node"]
+    assert first["started"] < second["ended"] and second["started"] < first["ended"], (first, second)
+    # Every trial found its worker's workbench loaded once, and some worker ran more than one trial.
+    assert all(w["loads"] == 1 for w in where.values()), where
+    pids = [w["pid"] for w in where.values()]
+    assert len(set(pids)) < len(pids), where
+
+    best = run_dir / "best"
+    predicted, recorded = plain_peft_test_predictions(best, tiny_bert, spec)
+    assert predicted == recorded
+
+
+def test_a_worker_killed_mid_trial_costs_only_that_run_which_tune_runs_again(tmp_path, tiny_bert, sentiment_csv, ray_cluster):
+    """SIGKILL the worker process of a running trial: Tune runs the trial again on a new worker and the search
+    finishes all its trials, none failed.
+
+    Catches: ``FailureConfig(max_failures=ray.max_failures)`` dropped (the killed trial is recorded failed, "worker
+    died"), and a trial's earlier reports kept across its re-run (the killed run's worker recorded).
+    """
+    spec = paced_spec(tmp_path, tiny_bert, sentiment_csv, ray_cluster, ["paced"], pace=0.3, n_trials=3)
+    run_dir = tmp_path / "run"
+    killed: dict = {}
+
+    def kill_one_worker() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            for number, worker in running_workers(run_dir).items():
+                os.kill(worker["pid"], signal.SIGKILL)
+                killed.update(number=number, pid=worker["pid"])
+                return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_one_worker, daemon=True)
+    killer.start()
+    assert main(["search", str(spec)]) == 0
+    killer.join(timeout=5)
+    assert killed, "no running trial was seen"
+
+    trials = study_trials(run_dir)
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    again = trials[killed["number"]].user_attrs["ray"]
+    assert again["restarts"] == 1 and again["pid"] != killed["pid"]
+    assert (run_dir / "best" / "adapter_model.safetensors").is_file()
+
+
+def test_the_search_process_killed_mid_search_resumes_with_a_fresh_tuner(tmp_path, tiny_bert, sentiment_csv, ray_cluster):
+    """``autopeft search`` joins the cluster as its own process and is killed with SIGKILL while trials run; the same
+    command run again keeps every finished trial, runs the interrupted configurations again and stops at n_trials.
+
+    Catches: the searcher counting its own suggestions instead of the study's finished trials (``num_samples`` set
+    to ``n_trials``: the second run starts ``n_trials`` more), and Tune's leftover experiment state in
+    ``RUN_DIR/ray`` being required or read back (the second run fails or replays the first run's trials).
+    """
+    spec = paced_spec(tmp_path, tiny_bert, sentiment_csv, ray_cluster, ["paced"], pace=0.3, n_trials=4)
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "autopeft", "search", str(spec)]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "120"}
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
+    try:
+        wait_for(lambda: "COMPLETE" in states(run_dir).values() and running_workers(run_dir), 240, "a finished trial and a running one")
+    finally:
+        first.kill()  # SIGKILL: no cleanup of any kind
+        output = first.communicate(timeout=60)[0]
+    before = {t.number: t for t in study_trials(run_dir)}
+    finished_before = {n: t for n, t in before.items() if t.state.name == "COMPLETE"}
+    interrupted = [n for n, t in before.items() if t.state.name == "RUNNING"]
+    assert finished_before and interrupted, output
+
+    second = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    after = study_trials(run_dir)
+    by_number = {t.number: t for t in after}
+    for number, trial in finished_before.items():
+        assert by_number[number].state.name == "COMPLETE" and by_number[number].values == trial.values
+    retried = {t.user_attrs.get("retry_of"): t for t in after if t.user_attrs.get("retry_of") is not None}
+    for number in interrupted:
+        assert retried[number].state.name == "COMPLETE" and retried[number].params == before[number].params
+    assert sum(t.state.name == "COMPLETE" for t in after) == 4
+    assert (run_dir / "best" / "adapter_model.safetensors").is_file()
