@@ -136,15 +136,14 @@ def _checked(errors: list[SpecError], file: str, key: str, value: Any, check: Ca
 
 
 def _plugin_paths(spec: Spec, errors: list[SpecError]) -> list[str]:
-    """The spec's plugin paths that can be imported: ``.py`` files and package folders (with ``__init__.py``)."""
+    """The spec's plugin paths that exist and are ``.py`` files or folders (the registry says when a folder is not a
+    package)."""
     file = str(spec.path)
     usable = []
     for i, (given, path) in enumerate(zip(spec.plugins, spec.plugin_paths())):
         where = Path(path)
         if not where.exists():
             errors.append(SpecError(file, f"plugins[{i}]", given, "no such plugin file or folder"))
-        elif where.is_dir() and not (where / "__init__.py").is_file():
-            errors.append(SpecError(file, f"plugins[{i}]", given, "a folder without __init__.py; list a .py file or a package folder"))
         elif not where.is_dir() and not (where.is_file() and where.suffix == ".py"):
             errors.append(SpecError(file, f"plugins[{i}]", given, "not a Python plugin; list a .py file or a package folder (with __init__.py)"))
         else:

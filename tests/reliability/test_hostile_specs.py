@@ -6,6 +6,7 @@ later, or make validation slow or its message huge.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -119,6 +120,7 @@ LATE_FAILURES = {
     "inf in a space override": (space(learning_rate={"low": 1e-3, "high": float("inf"), "log": True}), ["search.space.learning_rate.high", "inf", "finite"]),
     "nan timeout": ({"search": {"timeout": float("nan")}}, ["search.timeout", "nan", "finite"]),
     "inf weight decay": ({"training": {"weight_decay": float("inf")}}, ["training.weight_decay", "inf", "finite"]),
+    "inf as text for a float": ({"training": {"weight_decay": "inf"}}, ["training.weight_decay", "'inf'", "finite number"]),
     "nan in a choice list": (space(**{"lora.alpha_ratio": [1.0, float("nan")]}), ["search.space.lora.alpha_ratio[1]", "finite"]),
     "nan split": ({"data": {"splits": {"validation": float("nan")}}}, ["data.splits.validation", "finite"]),
     "inf in a constraint": ({"search": {"constraints": ["trainable_params <= 1e999"]}}, ["search.constraints", "not a finite number"]),
@@ -149,7 +151,8 @@ def test_values_that_failed_later_are_refused_at_validate(spec_with, capsys, cas
 
 
 def test_a_package_folder_without_init_is_not_a_plugin(spec_with, tmp_path, capsys):
-    """Catches dropping the __init__.py check in plan._plugin_paths."""
+    """Catches dropping the spec-listed broken-plugin check in plan.make_plan (the registry's import refuses the
+    folder; validate then said OK)."""
     (tmp_path / "not_a_package").mkdir()
     assert_refused(spec_with(plugins=[str(tmp_path / "not_a_package")]), capsys, "plugins[0]", "without __init__.py")
 
@@ -168,6 +171,7 @@ def test_an_output_folder_that_cannot_be_written_is_refused(spec_with, capsys):
 
 
 def test_the_write_probe_leaves_nothing_behind(spec_with, tmp_path, capsys):
+    """The write check creates nothing a user would find: neither the run folder nor a probe."""
     spec = spec_with(output={"dir": str(tmp_path / "runs" / "new")})
     before = sorted(p.name for p in tmp_path.iterdir())
     code, output = validate(spec, capsys)
@@ -206,12 +210,13 @@ def test_exponent_floats_without_a_dot_are_numbers_everywhere(tmp_path, tiny_ber
 
 
 def test_a_saved_run_spec_reads_exponent_floats(tmp_path, tiny_bert, sentiment_csv):
-    """A run folder's spec.yaml is read by load_spec too, so a hand-edited 1e-3 there is a number."""
+    """A run folder's spec.yaml is read by load_spec too, so a hand-edited 1e-3 there is a number, also where the
+    schema takes any value (search.space) and pydantic would not turn the string into a float."""
     spec_path = write_spec(tmp_path, model={"id": str(tiny_bert)}, data={"source": str(sentiment_csv)})
     text = yaml.safe_dump(load_spec(spec_path).model_dump(mode="json"), sort_keys=False)
     saved = tmp_path / "run-spec.yaml"
-    saved.write_text(text.replace("weight_decay: 0.0", "weight_decay: 1e-3"))
-    assert load_spec(saved).training.weight_decay == 1e-3
+    saved.write_text(text.replace("low: 0.005", "low: 5e-3"))
+    assert load_spec(saved).search.space["learning_rate"]["low"] == 5e-3
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -292,6 +297,18 @@ def test_the_console_script_prints_one_line_for_an_alias_bomb(tmp_path):
     assert result.stderr.startswith("error:") and result.stderr.count("\n") == 1 and len(result.stderr) < 1000
 
 
+def test_a_terminal_that_cannot_show_a_path_gets_it_escaped(tmp_path, tiny_bert, sentiment_csv):
+    """Catches removing the errors="backslashreplace" set up in cli.main: printing a non-ASCII path to an ASCII
+    terminal raised UnicodeEncodeError after the spec had validated."""
+    data = tmp_path / "données.csv"
+    data.write_bytes(sentiment_csv.read_bytes())
+    spec = write_spec(tmp_path, model={"id": str(tiny_bert)}, data={"source": str(data)})
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    result = subprocess.run([str(AUTOPEFT), "validate", str(spec)], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "donn\\xe9es.csv" in result.stdout.replace("\n", "") and "Traceback" not in result.stderr
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 6. A causal-LM task needs a model with a causal-LM head
 # --------------------------------------------------------------------------------------------------------------
@@ -308,6 +325,7 @@ def test_causal_lm_on_an_encoder_is_refused_at_validate(tmp_path, tiny_bert, qa_
 
 
 def test_causal_lm_on_a_decoder_still_validates(tmp_path, tiny_llama, qa_jsonl, capsys):
+    """The head check refuses encoders only (a check keyed on the wrong config field would refuse Llama too)."""
     spec = write_spec(
         tmp_path, model={"id": str(tiny_llama), "task": "causal-lm"},
         data={"source": str(qa_jsonl), "prompt_column": "question", "response_column": "answer", "text_column": None, "label_column": None},
