@@ -169,3 +169,22 @@ def plain_peft_test_predictions(best: Path, model_dir: Path, spec_path: Path) ->
     with open(best / "test_predictions.csv") as handle:
         recorded = [int(row["prediction_id"]) for row in csv.DictReader(handle)]
     return predictions, recorded
+
+
+def snapshot(root: Path, ignore: tuple[str, ...] = ()) -> dict[str, object]:
+    """Every entry under ``root`` (links not followed): file bytes, link targets, and folders; entries named in
+    ``ignore`` (such as the search's own lock file, rewritten by every search) left out."""
+    out: dict[str, object] = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(folder) / name
+            if name in ignore:
+                continue
+            key = str(path.relative_to(root))
+            if path.is_symlink():
+                out[key] = ("link", os.readlink(path))
+            elif path.is_dir():
+                out[key] = "folder"
+            else:
+                out[key] = path.read_bytes()
+    return out

@@ -17,23 +17,7 @@ import yaml
 
 from autopeft.cli import main
 from autopeft.export import replace_folder
-from conftest import sentiment_rows, write_spec
-
-
-def snapshot(root: Path) -> dict[str, object]:
-    """Every entry under ``root`` (links not followed): file bytes, link targets, and folders."""
-    out: dict[str, object] = {}
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = Path(folder) / name
-            key = str(path.relative_to(root))
-            if path.is_symlink():
-                out[key] = ("link", os.readlink(path))
-            elif path.is_dir():
-                out[key] = "folder"
-            else:
-                out[key] = path.read_bytes()
-    return out
+from conftest import sentiment_rows, snapshot, write_spec
 
 
 def write_reviews(path: Path) -> Path:

@@ -18,26 +18,7 @@ from autopeft.cli import main
 from autopeft.rundir import INTERRUPTED_REASON, RunDir, write_trials_csv
 from autopeft.runlock import LOCK_NAME
 from autopeft.spec import load_spec
-from conftest import sentiment_rows, write_spec
-
-
-def snapshot(root: Path) -> dict[str, object]:
-    """Every entry under ``root`` (links not followed): file bytes, link targets, and folders; the search's own
-    lock file (rewritten by every search) left out."""
-    out: dict[str, object] = {}
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = Path(folder) / name
-            if name == LOCK_NAME:
-                continue
-            key = str(path.relative_to(root))
-            if path.is_symlink():
-                out[key] = ("link", os.readlink(path))
-            elif path.is_dir():
-                out[key] = "folder"
-            else:
-                out[key] = path.read_bytes()
-    return out
+from conftest import sentiment_rows, snapshot, write_spec
 
 
 def user_folder(path: Path) -> Path:
@@ -101,11 +82,11 @@ def test_a_link_in_place_of_a_run_folder_is_refused_at_start(copy_run, tmp_path,
     if (run / name).exists():
         shutil.rmtree(run / name)
     (run / name).symlink_to(outside, target_is_directory=True)
-    before = snapshot(tmp_path)
+    before = snapshot(tmp_path, ignore=(LOCK_NAME,))
     assert search(spec, run, "--n-trials", "3") == 2
     err = capsys.readouterr().err
     assert str(run / name) in err and "symbolic link" in err
-    assert snapshot(tmp_path) == before
+    assert snapshot(tmp_path, ignore=(LOCK_NAME,)) == before
 
 
 def test_cleanup_deletes_only_real_trial_folders_it_made(tmp_path):
@@ -124,11 +105,11 @@ def test_cleanup_deletes_only_real_trial_folders_it_made(tmp_path):
         (adapters / name / "adapter_config.json").write_text(name)
     (adapters / "trial-9").symlink_to(outside / "trial-5", target_is_directory=True)
     (adapters / "notes.txt").write_text("mine")
-    before = snapshot(tmp_path)
+    before = snapshot(tmp_path, ignore=(LOCK_NAME,))
 
     RunDir(linked).keep_adapters({0})
     RunDir(run).keep_adapters({0})
-    after = snapshot(tmp_path)
+    after = snapshot(tmp_path, ignore=(LOCK_NAME,))
     assert not (adapters / "trial-1").exists()
     assert after == {k: v for k, v in before.items() if not k.startswith("run/adapters/trial-1")}
 
@@ -137,9 +118,9 @@ def test_a_users_folder_in_adapters_does_not_stop_the_search(copy_run, capsys):
     """Catches: parsing every `trial-*` name as a number (int("final") crashed the search after every trial)."""
     spec, run = copy_run
     mine = user_folder(run / "adapters" / "trial-final")
-    before = snapshot(mine)
+    before = snapshot(mine, ignore=(LOCK_NAME,))
     assert search(spec, run, "--n-trials", "3") == 0
-    assert snapshot(mine) == before
+    assert snapshot(mine, ignore=(LOCK_NAME,)) == before
     assert [r["state"] for r in trial_table(run)].count("COMPLETE") == 3
 
 
@@ -156,10 +137,10 @@ def test_pruning_the_pareto_folder_deletes_only_stale_exports(tmp_path):
     user_folder(pareto / "trial-x")
     outside = fake_export(tmp_path / "outside" / "export", 5)
     (pareto / "trial-5").symlink_to(outside, target_is_directory=True)
-    before = snapshot(tmp_path)
+    before = snapshot(tmp_path, ignore=(LOCK_NAME,))
 
     RunDir(run).prune_pareto({2})
-    assert snapshot(tmp_path) == {k: v for k, v in before.items() if not k.startswith("run/pareto/trial-1")}
+    assert snapshot(tmp_path, ignore=(LOCK_NAME,)) == {k: v for k, v in before.items() if not k.startswith("run/pareto/trial-1")}
     assert not (pareto / "trial-1").exists()
 
 
@@ -169,11 +150,11 @@ def test_a_best_folder_of_a_users_files_is_refused_before_the_search(copy_run, c
     spec, run = copy_run
     shutil.rmtree(run / "best")
     user_folder(run / "best")
-    before = snapshot(run / "best")
+    before = snapshot(run / "best", ignore=(LOCK_NAME,))
     assert search(spec, run, "--n-trials", "3") == 2
     err = capsys.readouterr().err
     assert str(run / "best") in err and "did not write" in err
-    assert snapshot(run / "best") == before
+    assert snapshot(run / "best", ignore=(LOCK_NAME,)) == before
 
 
 def test_an_output_folder_of_other_files_is_refused(finished, tmp_path, capsys):
@@ -182,11 +163,11 @@ def test_an_output_folder_of_other_files_is_refused(finished, tmp_path, capsys):
     spec, _ = finished
     folder = user_folder(tmp_path / "project")
     (folder / "trials.csv").write_text("my own table")
-    before = snapshot(tmp_path)
+    before = snapshot(tmp_path, ignore=(LOCK_NAME,))
     assert search(spec, folder) == 2
     err = capsys.readouterr().err
     assert str(folder) in err and "not empty" in err
-    assert snapshot(tmp_path) == before
+    assert snapshot(tmp_path, ignore=(LOCK_NAME,)) == before
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -202,7 +183,7 @@ def test_ctrl_c_while_spec_yaml_is_written_leaves_the_previous_one(copy_run, tmp
     raw["search"]["timeout"] = 3600  # resumable: the search goes on and rewrites spec.yaml
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(raw))
-    before = snapshot(run)
+    before = snapshot(run, ignore=(LOCK_NAME,))
 
     def interrupted_sync(fd):
         raise KeyboardInterrupt
@@ -210,7 +191,7 @@ def test_ctrl_c_while_spec_yaml_is_written_leaves_the_previous_one(copy_run, tmp
     monkeypatch.setattr(os, "fsync", interrupted_sync)
     assert search(changed, run) == 130
     monkeypatch.undo()
-    assert snapshot(run) == before
+    assert snapshot(run, ignore=(LOCK_NAME,)) == before
     # Without the interruption the new spec (a resumable change) is written.
     assert search(changed, run) == 0
     assert "timeout: 3600" in (run / "spec.yaml").read_text()

@@ -15,7 +15,7 @@ import optuna
 import pytest
 
 from autopeft.cli import main
-from autopeft.rundir import RunDir, open_study
+from autopeft.rundir import RunDir
 from conftest import write_spec
 
 FAULTS = Path(__file__).parent / "fault_variants.py"
