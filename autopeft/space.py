@@ -4,8 +4,8 @@ A variant declares its space as ``{name: Param}``. Parameters named in :data:`SH
 target modules) mean the same thing in every variant and are sampled under their bare name; a variant's own
 parameters are sampled as ``"<variant>.<name>"`` so that a conditional space over several variants stays
 unambiguous. A parameter may also declare :class:`Bounds` on what any spec may set it to (ranks >= 1, dropout in
-[0, 1)); :func:`override` holds a spec's values to the parameter's type and bounds. Sampling is define-by-run (``trial.suggest_*``), so it works with any Optuna sampler and with
-Ray Tune's Optuna searcher alike.
+[0, 1)); :func:`override` holds a spec's values to the parameter's type and bounds. Sampling is define-by-run
+(``trial.suggest_*``), so it works with any Optuna sampler and with Ray Tune's Optuna searcher alike.
 """
 
 from __future__ import annotations
