@@ -98,6 +98,16 @@ def pareto_front(study: optuna.Study, spec: Spec) -> list[int]:
     return sorted(t.number for t, rank in zip(trials, ranks) if rank == 0)
 
 
+def size_front(study: optuna.Study, spec: Spec) -> list[int]:
+    """Numbers of the feasible complete trials on the front of the task metric against trainable parameters:
+    the trials no other trial beats on both accuracy and size (what ``output.keep: front`` keeps)."""
+    trials = [t for t in _complete_feasible(study, spec) if "trainable_params" in measured(t, spec)]
+    metric, direction = spec.objectives()[0]
+    points = [[measured(t, spec)[metric], measured(t, spec)["trainable_params"]] for t in trials]
+    ranks = front_ranks(points, [direction, "minimize"])
+    return sorted(t.number for t, rank in zip(trials, ranks) if rank == 0)
+
+
 def select_best(study: optuna.Study, spec: Spec) -> int | None:
     """The trial ``best/`` holds, by ``search.select``; None when no complete trial meets the constraints."""
     trials = _complete_feasible(study, spec)

@@ -254,6 +254,10 @@ def make_plan(spec: Spec) -> Plan:
             errors.append(SpecError(file, f"search.variants[{i}]", name, f"unknown variant; available: {', '.join(sorted(registry.variants))}{hint}"))
     if len(set(variants)) != len(variants):
         errors.append(SpecError(file, "search.variants", variants, "each variant may be listed once"))
+    if isinstance(spec.search.baseline, list):
+        for i, name in enumerate(spec.search.baseline):
+            if name not in variants:
+                errors.append(SpecError(file, f"search.baseline[{i}]", name, f"not a searched variant; searched: {', '.join(variants)}"))
     spaces = (_checked(errors, file, "search.space", spec.search.space, lambda: _build_spaces(spec, registry, known, overrides, errors)) or {}) if known else {}
     if spec.search.allocation is not None:
         for i, name in enumerate(variants):

@@ -40,7 +40,10 @@ if TYPE_CHECKING:
 STUDY_NAME = "autopeft"
 # Keys that may change between invocations on the same run folder (to extend or shorten a search).
 # Where trials run (search.backend, the ray section) does not change what they measure.
-RESUMABLE_KEYS = {("search", "n_trials"), ("search", "timeout"), ("output", "dir"), ("training", "threads"), ("search", "backend"), ("ray",)}
+RESUMABLE_KEYS = {
+    ("search", "n_trials"), ("search", "timeout"), ("output", "dir"), ("output", "keep"), ("training", "threads"),
+    ("search", "backend"), ("ray",), ("storage",),
+}
 # The only names autopeft gives the folders it may delete in adapters/ and pareto/.
 TRIAL_FOLDER = re.compile(r"trial-(0|[1-9][0-9]*)")  # exactly f"trial-{number}": no "trial-03", no other digits
 # Folders in a run whose content autopeft deletes or replaces: never through a link, which may point anywhere.

@@ -152,7 +152,9 @@ class SearchSpec(_Section):
     seed: int = 0
     n_trials: int = Field(20, ge=1)
     timeout: Optional[Union[float, str]] = Field(None, description="stop starting trials after this long: seconds, or '90s', '30m', '2h'")
-    baseline: bool = Field(True, description="run each variant's default configuration first")
+    baseline: Union[bool, list[str]] = Field(
+        True, description="run each variant's default configuration first: true, false, or the variants to do it for"
+    )
     backend: Literal["local", "ray"] = Field("local", description="where trials run: local (this process) or ray (a Ray cluster; see the ray section)")
     allocation: Optional[AllocationSpec] = Field(None, description="search a rank per module type/band/module instead of one rank")
     base_bits: list[Literal[4, 8, 16]] = Field(default_factory=lambda: [16], min_length=1, description="base-model weight bits to search (16 = not quantized)")
@@ -256,6 +258,12 @@ class RaySpec(_Section):
 
 class OutputSpec(_Section):
     dir: Optional[PathText] = Field(None, description="run folder; default runs/<spec file name>")
+    keep: Literal["best", "front", "all"] = Field(
+        "best",
+        description="adapters kept in RUN_DIR/adapters: best (the best so far, and the Pareto front with several "
+        "objectives), front (the Pareto front of metric and trainable parameters), all (every complete trial: "
+        "`autopeft export` of any trial then needs no retraining)",
+    )
 
 
 class Spec(_Section):

@@ -33,7 +33,7 @@ from rich.console import Console
 
 from autopeft.errors import OutOfSpace, TrialFailed, is_out_of_space
 from autopeft.fingerprint import check_data, check_space
-from autopeft.objectives import constraint_values, describe_values, feasible, objective_values, pareto_front, select_best, violations
+from autopeft.objectives import constraint_values, describe_values, feasible, objective_values, pareto_front, select_best, size_front, violations
 from autopeft.plan import Plan
 from autopeft.progress import describe_params
 from autopeft.pruning import optuna_pruner, pareto_should_prune, rung_point
@@ -264,8 +264,11 @@ class Driver:
                 elif interrupted(trial) and trial.number not in retried and trial.params:
                     requeue(study, trial)
         # (Shared studies: workers detect dead trials by heartbeat, and re-queue interrupted ones as they stop.)
-        if not trials and self.spec.search.baseline:
+        baseline = self.spec.search.baseline
+        if not trials and baseline:
             for variant, space in self.plan.spaces.items():
+                if isinstance(baseline, list) and variant not in baseline:
+                    continue
                 params = defaults(variant, space)
                 if len(self.plan.spaces) > 1:
                     params["variant"] = variant
@@ -432,9 +435,18 @@ class Driver:
         write_trials_csv(self.study, self.run_dir.trials_csv)
 
     def keep(self) -> set[int]:
-        """Trials whose adapters may still become ``best/`` or part of ``pareto/``."""
-        several = len(self.spec.objectives()) > 1
-        keep = set(pareto_front(self.study, self.spec)) | {select_best(self.study, self.spec)} if several else {select_best(self.study, self.spec)}
+        """Trials whose adapters stay in ``RUN_DIR/adapters`` (``output.keep``): at least those that may still
+        become ``best/`` or part of ``pareto/``."""
+        import optuna
+
+        spec, study = self.spec, self.study
+        keep = {select_best(study, spec)}
+        if len(spec.objectives()) > 1:
+            keep |= set(pareto_front(study, spec))
+        if spec.output.keep == "front":
+            keep |= set(size_front(study, spec))
+        elif spec.output.keep == "all":
+            keep |= {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
         return {n for n in keep if n is not None}
 
     def best_text(self) -> str:

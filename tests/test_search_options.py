@@ -1,0 +1,66 @@
+"""Spec options that change what a search keeps and how it starts: ``output.keep`` and ``search.baseline``."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+
+from autopeft.cli import main
+from autopeft.rundir import RunDir
+from autopeft.trial import Workbench
+from conftest import write_spec
+
+
+def study_of(run) -> optuna.Study:
+    return optuna.load_study(study_name="autopeft", storage=RunDir(run).storage_url)
+
+
+def kept(run) -> set[int]:
+    return {int(p.name.split("-")[1]) for p in (run / "adapters").iterdir()}
+
+
+def test_keep_all_keeps_every_adapter_and_export_needs_no_retraining(tmp_path, tiny_bert, sentiment_csv, monkeypatch):
+    """Catches: ``output.keep: all`` ignored in ``Driver.keep`` (adapters of non-best trials deleted, so exporting
+    one retrains it)."""
+    spec = write_spec(tmp_path, model={"id": str(tiny_bert)}, data={"source": str(sentiment_csv)}, search={"n_trials": 3}, output={"dir": str(tmp_path / "run"), "keep": "all"})
+    assert main(["search", str(spec)]) == 0
+    run = tmp_path / "run"
+    assert kept(run) == {0, 1, 2}
+    best = json.loads((run / "best" / "autopeft.json").read_text())["trial"]
+    other = next(n for n in (0, 1, 2) if n != best)
+
+    def no_retraining(*args, **kwargs):
+        raise AssertionError("export retrained a trial whose adapter was kept")
+
+    monkeypatch.setattr(Workbench, "run_trial", no_retraining)
+    assert main(["export", str(run), "--trial", str(other), "--out", str(tmp_path / "other")]) == 0
+    assert (tmp_path / "other" / "adapter_model.safetensors").is_file()
+
+
+def test_keep_front_keeps_the_smallest_adapter(tmp_path, tiny_bert, sentiment_csv):
+    """Catches: ``output.keep: front`` keeping only the best trial. The trial with the fewest trainable parameters
+    is on the front of accuracy against size whatever its accuracy, so it must be kept."""
+    spec = write_spec(tmp_path, model={"id": str(tiny_bert)}, data={"source": str(sentiment_csv)}, search={"n_trials": 4, "space": {"learning_rate": {"low": 5e-3, "high": 2e-2}, "lora.r": [2, 8], "target_modules": ["q,v", "q,k,v,o"]}}, output={"dir": str(tmp_path / "run"), "keep": "front"})
+    assert main(["search", str(spec)]) == 0
+    trials = [t for t in study_of(tmp_path / "run").trials if t.state.name == "COMPLETE"]
+    smallest = min(trials, key=lambda t: (t.user_attrs["trainable_params"], -t.user_attrs["metrics"]["accuracy"]))
+    assert smallest.number in kept(tmp_path / "run")
+
+
+@pytest.mark.parametrize("baseline, expected", [(["dora"], ["dora"]), (False, [])])
+def test_baseline_can_be_limited_to_some_variants(tmp_path, tiny_bert, sentiment_csv, baseline, expected):
+    """Catches: ``search.baseline`` as a list ignored (every variant's defaults would take a slot, starving the
+    search of sampled configurations)."""
+    spec = write_spec(tmp_path, model={"id": str(tiny_bert)}, data={"source": str(sentiment_csv)}, search={"variants": ["lora", "dora"], "n_trials": 2, "baseline": baseline, "space": {"learning_rate": {"low": 5e-3, "high": 2e-2}}})
+    assert main(["search", str(spec)]) == 0
+    trials = study_of(tmp_path / "run").trials
+    assert [t.params["variant"] for t in trials if t.user_attrs.get("baseline")] == expected
+
+
+def test_a_baseline_for_a_variant_not_searched_is_refused(tmp_path, tiny_bert, sentiment_csv, capsys):
+    """Catches: a typo in ``search.baseline`` silently running no baseline."""
+    spec = write_spec(tmp_path, model={"id": str(tiny_bert)}, data={"source": str(sentiment_csv)}, search={"variants": ["lora"], "baseline": ["dorra"]})
+    assert main(["validate", str(spec)]) == 2
+    assert "search.baseline[0]: got 'dorra'; not a searched variant; searched: lora" in capsys.readouterr().err
