@@ -121,6 +121,7 @@ def _plugin_listing(extra: tuple[str, ...]) -> dict:
         "models": [{"model_id": f.item.model_id, "summary": f.item.summary, "source": f.source, "installed": _installed(f.item)} for f in registry.model_sources],
         "corpora": [{"name": n, "summary": f.item.summary, "task": f.item.task, "source": f.source} for n, f in sorted(registry.corpora.items())],
         "presets": preset_names(),
+        "unavailable": [{"name": n, "source": f.source, "reason": f.item.reason} for n, f in sorted(registry.unavailable.items())],
         "broken": [{"plugin": b.plugin, "source": b.source, "reason": b.reason} for b in registry.broken],
     }
 
@@ -155,6 +156,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     console = _console()
     if args.name:
         chosen = [v for v in listing["variants"] if v["name"] == args.name]
+        unavailable = [v for v in listing["unavailable"] if v["name"] == args.name]
+        if unavailable:
+            raise PluginError(f"autopeft plugins: variant {args.name!r} is not available ({unavailable[0]['source']}): {unavailable[0]['reason']}")
         if not chosen:
             names = ", ".join(v["name"] for v in listing["variants"])
             raise PluginError(f"autopeft plugins: no variant named {args.name!r}; available: {names}")
@@ -170,6 +174,13 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         for variant in listing["variants"]:
             table.add_row(variant["name"], variant["kind"], "yes" if variant["supports_allocation"] else "no", variant["export_format"], variant["source"])
         console.print(table)
+    if listing["unavailable"]:
+        unavailable = Table(title="unavailable variants (a spec cannot search them)", title_justify="left")
+        for column in ("name", "reason", "source"):
+            unavailable.add_column(column)
+        for variant in listing["unavailable"]:
+            unavailable.add_row(variant["name"], variant["reason"], variant["source"])
+        console.print(unavailable)
     console.print("[bold]models[/]: " + "; ".join(f"{m['model_id']} ({'installed' if m['installed'] else 'not installed'}, {m['source']})" for m in listing["models"]))
     console.print("[bold]corpora[/]: " + "; ".join(f"{c['name']} ({c['task']}, {c['source']})" for c in listing["corpora"]))
     console.print("[bold]presets[/]: " + ", ".join(listing["presets"]))

@@ -248,7 +248,10 @@ def make_plan(spec: Spec) -> Plan:
 
     known = [v for v in variants if v in registry.variants]
     for i, name in enumerate(variants):
-        if name not in registry.variants:
+        if name in registry.unavailable:
+            found = registry.unavailable[name]
+            errors.append(SpecError(file, f"search.variants[{i}]", name, f"not available ({found.source}): {found.item.reason}"))
+        elif name not in registry.variants:
             broken = [b for b in registry.broken if name in b.reason or b.plugin == name]
             hint = f" (plugin {broken[0].plugin} from {broken[0].source}, which may provide it, is broken: {broken[0].reason})" if broken else ""
             errors.append(SpecError(file, f"search.variants[{i}]", name, f"unknown variant; available: {', '.join(sorted(registry.variants))}{hint}"))

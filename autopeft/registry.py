@@ -43,11 +43,24 @@ class BrokenPlugin:
     reason: str
 
 
+@dataclass(frozen=True)
+class Unavailable:
+    """A variant a plugin knows of but cannot offer, returned from ``autopeft_variants`` next to the variants.
+
+    ``autopeft plugins`` lists it apart with its reason, and a spec that asks for it is refused with that reason.
+    """
+
+    name: str
+    reason: str
+
+
 @dataclass
 class Registry:
     """Everything the loaded plugins declare."""
 
     variants: dict[str, Found] = field(default_factory=dict)
+    unavailable: dict[str, Found] = field(default_factory=dict)
+    """Variants declared :class:`Unavailable`, by name, with their reason in ``item.reason``."""
     model_sources: list[Found] = field(default_factory=list)
     corpora: dict[str, Found] = field(default_factory=dict)
     broken: list[BrokenPlugin] = field(default_factory=list)
@@ -149,6 +162,9 @@ def _collect(registry: Registry, pm: pluggy.PluginManager, plugin: Any, plugin_n
         if impl.plugin is not plugin:
             continue
         for variant in _call(registry, "autopeft_variants", plugin_name, source, impl):
+            if isinstance(variant, Unavailable):
+                registry.unavailable.setdefault(variant.name, Found(variant, plugin_name, source))
+                continue
             problems = _checked(_variant_problems, variant)
             name = _name_of(variant)
             if not problems and name in registry.variants:

@@ -1,0 +1,249 @@
+"""Every tuner method the installed PEFT ships, as a searchable variant named ``peft:<method>``.
+
+The methods are discovered from ``peft.PEFT_TYPE_TO_CONFIG_MAPPING`` when the plugins load, so a PEFT release
+that adds a method adds a variant with no change here. Each variant's search space is derived from its config
+dataclass's fields (:func:`dataclasses.fields`): the fields :data:`FIELD_RULES` knows (ranks, alphas, dropouts,
+initialisations) get a searched range around PEFT's default; every other plain field is a fixed parameter at
+PEFT's default that a spec may override (``space: {peft:hra.apply_GS: true}``); seed fields take the trial's
+seed. ``learning_rate`` and ``target_modules`` are the shared parameters.
+
+A method autopeft cannot offer (prompt learning, a config that needs arguments autopeft cannot derive, layers
+the transformer blocks do not have) is declared :class:`~autopeft.registry.Unavailable` with the reason:
+``autopeft plugins`` lists it apart and ``autopeft validate`` refuses a spec that asks for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import typing
+import warnings
+from fnmatch import fnmatchcase
+from typing import Any, Callable, Optional
+
+from autopeft import CategoricalParam, FloatParam, IntParam, Variant, hookimpl, shared
+from autopeft.errors import TrialFailed
+from autopeft.registry import Unavailable
+from autopeft.space import PROBABILITY, RANK, SHARED_PARAMS, Param
+from autopeft_plugins.peft_variants import PeftVariant
+
+PREFIX = "peft:"
+INIT_FIELDS = ("init_weights", "init_lora_weights")
+# Initialisations that read calibration data or rewrite the base weights: `lora-init` runs them with the care they
+# need (calibration passes, base weights restored, export converted); offered bare they would change the base.
+DATA_OR_BASE_INITS = frozenset({"eva", "olora", "pissa", "corda", "loftq", "lora_ga", "mica"})
+SEED_FIELDS = ("projection_prng_key", "random_loc_seed", "random_seed", "projection_seed", "proj_seed", "generator_seed")
+# Fields that are not searched and not offered for override: they decide what is trained beyond the adapter
+# (biases), how the weights are stored or saved, or where the adapter goes (autopeft's placement decides that).
+HIDDEN_FIELDS = (
+    "target_modules", "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern", "*_pattern",
+    "bias", "*_bias", "fan_in_fan_out", "megatron_*", "save_*", "progressbar", "runtime_*", "target_parameters",
+    "ensure_weight_tying", "use_qalora", "qalora_group_size", "use_effective_conv2d", "inference_mode",
+)
+# Methods that need inputs autopeft's training does not give the model.
+NEEDS_INPUTS = {"poly": "it routes each example by a task id passed to forward, which a single-task search does not have"}
+# Methods whose PEFT implementation fails on BERT- and Llama-style models, up to the PEFT version checked: a later
+# release is offered again (and the bridge's conformance test says whether it works).
+BROKEN_UP_TO = {
+    "shadow": ("0.21.2", "PEFT's implementation fails in forward on BERT and Llama models ('ShadowCarrier' object has no attribute 'view')"),
+}
+# Methods a hand-written variant runs, because their config needs what only a trial knows.
+HAND_WRITTEN = {"adalora": "its rank schedule is counted in training steps, which only a trial knows: use the adalora variant"}
+# Methods whose layers the transformer blocks' linear layers are not, by PEFT type name: nothing in the config
+# class says which modules a tuner can wrap.
+NOT_FOR_LINEAR_LAYERS = {
+    "ln_tuning": "tunes LayerNorm modules, not the linear layers autopeft places adapters on",
+    "trainable_tokens": "trains rows of the embedding matrix for given token ids, not linear layers",
+}
+
+
+def _feedforward_modules(model, context) -> list[str]:
+    """IA³ scales the input of the second feed-forward layer and the output of the others: the targets whose
+    placement role is ``down``."""
+    from autopeft.placement import adapter_sites
+
+    roles = {site.name: site.role for site in adapter_sites(model)}
+    return [name for name in context.target_modules if roles.get(name) == "down"]
+
+
+# Fields whose value follows from the model and autopeft's placement, not from the search.
+DERIVED_FIELDS: dict[str, Callable[[Any, Any], Any]] = {"feedforward_modules": _feedforward_modules}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _count(default: Any, annotation: Any) -> Optional[Param]:
+    """Ranks and other counts: a log-scale range from a quarter to four times PEFT's default."""
+    if not isinstance(default, int) or isinstance(default, bool) or default < 1:
+        return None  # 0 or None mean "derive it from another field" in PEFT
+    return IntParam(max(1, default // 4), default * 4, default=default, log=True, legal=RANK, help="searched around PEFT's default")
+
+
+def _scale(default: Any, annotation: Any) -> Optional[Param]:
+    """Alphas and scalings: half, the same or twice PEFT's default."""
+    if not _number(default) or default <= 0:
+        return None
+    kind = int if isinstance(default, int) and default % 2 == 0 else float
+    return CategoricalParam(tuple(kind(default * f) for f in (0.5, 1, 2)), default=default, help="scale of the update")
+
+
+def _dropout(default: Any, annotation: Any) -> Optional[Param]:
+    if not _number(default) or not 0 <= default < 1:
+        return None
+    return FloatParam(0.0, max(0.2, float(default)), default=float(default), legal=PROBABILITY, help="dropout probability")
+
+
+def _init(default: Any, annotation: Any) -> Optional[Param]:
+    """PEFT's default and the named initialisations its type annotation lists (Literal or enum values)."""
+    named = [v for v in _literal_values(annotation) if isinstance(v, str) and "[" not in v and v not in DATA_OR_BASE_INITS]
+    choices = tuple(dict.fromkeys([default, *named]))
+    if len(choices) < 2 or not all(_plain(c) for c in choices):
+        return None
+    return CategoricalParam(choices, default=default, help="initialisation of the adapter weights")
+
+
+# The one table of fields searched: (field name patterns, rule). The first matching rule that yields a parameter wins.
+FIELD_RULES: tuple[tuple[tuple[str, ...], Callable[[Any, Any], Optional[Param]]], ...] = (
+    (("r", "rank", "n_frequency", "boft_block_size", "oft_block_size", "num_vectors"), _count),
+    (("alpha", "*_alpha", "scaling"), _scale),
+    (("dropout", "*_dropout"), _dropout),
+    (INIT_FIELDS, _init),
+)
+
+
+def _plain(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, str)) or (_number(value) and value == value)
+
+
+def _literal_values(annotation: Any) -> list[Any]:
+    """Every Literal value and enum member value inside a (possibly nested Optional/Union) type annotation."""
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return [member.value for member in annotation]
+    if typing.get_origin(annotation) is typing.Literal:
+        return list(typing.get_args(annotation))
+    return [value for arg in typing.get_args(annotation) for value in _literal_values(arg)]
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def _annotations(config_class: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(config_class)
+    except Exception:  # an annotation naming something the module does not import: fall back to the raw ones
+        return {f.name: f.type for f in dataclasses.fields(config_class)}
+
+
+def _field_default(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default.value if isinstance(field.default, enum.Enum) else field.default
+    return dataclasses.MISSING  # a factory (a dict or a sub-config): not a scalar autopeft can offer
+
+
+def derive_space(config_class: type) -> dict[str, Param]:
+    """The search space of a PEFT config class: the shared parameters, then one parameter per plain field."""
+    from peft.config import PeftConfig
+
+    base_fields = {f.name for f in dataclasses.fields(PeftConfig)}
+    hints = _annotations(config_class)
+    space: dict[str, Param] = {"learning_rate": shared("learning_rate"), "target_modules": shared("target_modules")}
+    for field in dataclasses.fields(config_class):
+        name, default = field.name, _field_default(field)
+        if name in base_fields or name in SHARED_PARAMS or name in SEED_FIELDS or name in DERIVED_FIELDS or _matches(name, HIDDEN_FIELDS):
+            continue
+        if default is dataclasses.MISSING or default is None or not _plain(default):
+            continue  # None means "derived by PEFT"; factories and sub-configs are not scalars
+        searched = next((p for patterns, rule in FIELD_RULES if _matches(name, patterns) and (p := rule(default, hints.get(name))) is not None), None)
+        space[name] = searched or CategoricalParam((default,), default=default, help=f"PEFT's default; set it with space: {{<variant>.{name}: value}}")
+    return space
+
+
+class BridgedVariant(PeftVariant):
+    """One PEFT tuner, its config built from the sampled fields, the trial's seed and autopeft's placement."""
+
+    summary = ""
+    paper = ""
+
+    def __init__(self, method: str, config_class: type) -> None:
+        self.name = PREFIX + method
+        self.config_class = config_class
+        doc = (config_class.__doc__ or "").strip().splitlines()
+        self.summary = f"PEFT's {config_class.__name__}" + (f": {doc[0].strip()}" if doc else "")
+        self._space = derive_space(config_class)
+
+    def search_space(self) -> dict[str, Param]:
+        return dict(self._space)
+
+    def build_config(self, model, params, context):
+        fields = {f.name for f in dataclasses.fields(self.config_class)}
+        own = {k: v for k, v in params.items() if k not in SHARED_PARAMS}
+        seeds = {name: context.seed for name in SEED_FIELDS if name in fields}
+        derived = {name: derive(model, context) for name, derive in DERIVED_FIELDS.items() if name in fields}
+        return self.config_class(task_type=context.peft_task_type, target_modules=context.target_modules, **seeds, **derived, **own)
+
+    def attach(self, model, params, context):
+        """PEFT checks shapes and field combinations as it builds the config and wraps the layers: what it rejects
+        (a block size that does not divide a layer, a rank above a layer's width) fails the trial with PEFT's reason."""
+        try:
+            return super().attach(model, params, context)
+        except (ValueError, TypeError) as exc:
+            raise TrialFailed(f"{self.name}: PEFT rejects this configuration for this model: {exc}") from exc
+
+
+def _unavailable_reason(method: str, config_class: type) -> Optional[str]:
+    """Why autopeft cannot offer this method, or None when it can."""
+    if method in NOT_FOR_LINEAR_LAYERS:
+        return NOT_FOR_LINEAR_LAYERS[method]
+    if method in HAND_WRITTEN:
+        return HAND_WRITTEN[method]
+    if method in NEEDS_INPUTS:
+        return NEEDS_INPUTS[method]
+    if method in BROKEN_UP_TO:
+        from importlib.metadata import version
+
+        from packaging.version import Version
+
+        checked, reason = BROKEN_UP_TO[method]
+        if Version(version("peft")) <= Version(checked):
+            return f"{reason} (PEFT {version('peft')})"
+    from peft.config import PromptLearningConfig
+
+    if issubclass(config_class, PromptLearningConfig):
+        return "prompt learning: it trains virtual tokens fed to the model, not adapters on linear layers"
+    if "target_modules" not in {f.name for f in dataclasses.fields(config_class)}:
+        return "its config takes no target_modules: it does not put adapters on the linear layers autopeft places"
+    try:
+        with warnings.catch_warnings():  # a probe: PEFT's warnings about its defaults are not the user's concern
+            warnings.simplefilter("ignore")
+            config = config_class(task_type="SEQ_CLS", target_modules=["query"])
+    except Exception as exc:
+        return f"its config needs arguments autopeft cannot derive ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+    if getattr(config, "is_adaption_prompt", False):
+        return "adaption prompt: it trains prompts inside Llama-style attention, not adapters on linear layers"
+    return None
+
+
+def bridged() -> list[Variant | Unavailable]:
+    """A ``peft:<method>`` declaration for every config class in the installed PEFT, available or not."""
+    from peft import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    declared: list[Variant | Unavailable] = []
+    for peft_type, config_class in PEFT_TYPE_TO_CONFIG_MAPPING.items():
+        method = str(getattr(peft_type, "value", peft_type)).lower()
+        reason = _unavailable_reason(method, config_class)
+        if reason is None:
+            try:
+                declared.append(BridgedVariant(method, config_class))
+                continue
+            except Exception as exc:  # a config class autopeft cannot read must not hide the others
+                reason = f"its config fields could not be turned into a search space ({type(exc).__name__}: {exc})"
+        declared.append(Unavailable(PREFIX + method, reason))
+    return declared
+
+
+@hookimpl
+def autopeft_variants() -> list[Variant | Unavailable]:
+    return bridged()
