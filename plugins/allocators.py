@@ -100,6 +100,12 @@ class IncreLoRA(_Allocator):
     ``α = alpha_ratio · target_rank`` (the paper's α/r per module). Simplifications: each module has at most
     ``r_max = ⌈max_rank_ratio · target_rank⌉`` slots (the paper has no cap), and AdaLoRA's orthogonality
     penalty on the factors is left out.
+
+    Default form: ``reserve = True``, the paper's "advance learning" — the next ``rank_step`` slots of every
+    module train behind a fixed 1e-5 gate before they open, so a slot that opens already points in a useful
+    direction instead of starting from zero. ``reserve = False`` (plain unmasking) is the searchable
+    alternative. The budget is ``target_rank``: growing stops when the candidate modules hold
+    ``target_rank`` ranks on average.
     """
 
     name = "increlora"
@@ -192,51 +198,106 @@ class IncreLoRA(_Allocator):
 
 
 class SoRA(_Allocator):
-    """``h = W x + B (g ⊙ A x)`` with a trainable gate ``g`` (initially 1) per slot; after every optimizer step
-    the proximal step of an L1 penalty, ``g ← sign(g)·max(|g| − ξ_t, 0)``, sets unimportant gates exactly to 0.
+    """``h = W x + B (g ⊙ A x)`` with a gate ``g`` per slot, as in the reference code (TsinghuaC3I/SoRA): the
+    gates start from a standard normal draw, are trained by their own Adam step (at the trial's learning rate,
+    outside autopeft's optimizer, as SoRA trains them with a separate ``SparseAdamW``) and after each of those
+    steps take the proximal step of an L1 penalty, ``g ← sign(g)·max(|g| − ξ_t, 0)``, which sets gates exactly
+    to 0. A module's rank is its number of non-zero gates; at the end the gates are folded into ``B``.
 
-    ``ξ_t`` rises in ``stages`` equal stages (stage k uses k times the base threshold, as SoRA's scheduler raises
-    its sparsity weight), with the base chosen so the thresholds add up to ``shrink`` over the whole training: a
-    gate that the task loss never pushes back loses ``shrink`` in total (gates start at 1, so ``shrink ≥ 1``
-    removes every unused slot). Final rank = number of non-zero gates; the gates are folded into ``B``.
-    Simplification: SoRA scales its threshold by the current learning rate (``η·ξ``); here ``ξ_t`` is set by the
-    total ``shrink`` so the same value means the same for any number of steps.
+    The budget is ``target_rank``: the exported adapter holds about ``target_rank · Σ_m (in_m + out_m)``
+    parameters over the candidate modules (an average rank of ``target_rank`` out of ``max_rank`` slots). It is
+    the knob the outer search tunes. ``ξ_t`` rises in ``stages`` equal stages over the first
+    ``sparsify_fraction`` of the steps (stage k uses k times a base threshold, as SoRA's ``lambda_schedule``
+    raises its sparsity weight in stages); the base is set at attach so that the thresholds of the whole phase
+    add up to the magnitude the initial gates would have to lose to meet the budget. Gates the task loss
+    pushes up survive; the others reach 0. Two rules make the budget a target rather than a hope: a step's
+    threshold never exceeds the one that would leave exactly the budget (so thresholding never undershoots),
+    and at the end of the phase a last proximal step uses exactly that threshold if the gates are still over
+    budget. Then the closed slots stay closed and the open gates keep training, without threshold.
+
+    Simplifications: SoRA's threshold is ``η·λ`` with a hand-set ``λ`` schedule and no budget (one run traces
+    an accuracy–size curve); here ``ξ_t`` is derived from the budget and the number of steps.
     """
 
     name = "sora"
     size_decided_in_training = True
-    summary = "a trainable gate per rank slot, made sparse by a proximal soft-threshold that rises in stages"
+    summary = "a trainable gate per rank slot, made sparse by a proximal soft-threshold that rises in stages to a budget"
     paper = "Ding et al., Sparse Low-rank Adaptation of Pre-trained Language Models, arXiv:2311.11696"
 
     def search_space(self):
         return self._space(
-            max_rank=IntParam(4, 32, default=8, log=True, help="slots per module (the highest rank a module can keep)"),
-            shrink=FloatParam(0.05, 5.0, default=0.5, log=True, help="total soft-threshold applied to every gate over training"),
+            max_rank=IntParam(4, 32, default=16, log=True, help="slots per module (the highest rank a module can keep)"),
+            target_rank=IntParam(1, 16, default=8, log=True, help="average rank over the candidate modules at the end (the budget)"),
             stages=IntParam(1, 5, default=3, help="stages of the rising threshold"),
+            sparsify_fraction=FloatParam(0.3, 0.9, default=0.7, help="fraction of the steps by which the budget is met"),
         )
 
     def attach(self, model, params: dict[str, Any], context: AttachContext):
-        from autopeft import masked_lora
-
-        model = masked_lora.attach(
-            model, context, params["max_rank"], params["alpha_ratio"], params["dropout"],
-            gate_factory=lambda linear: masked_lora.SlotGate(linear, trainable_gate=True),
-        )
-        steps, stages = max(context.total_steps, 1), params["stages"]
-        stage = [min(stages, (s - 1) * stages // steps + 1) for s in range(1, steps + 1)]
-        _set_state(model, stage=stage, base=params["shrink"] / sum(stage))
-        return model
-
-    def allocate(self, model, step: int, context: AttachContext) -> None:
         import torch
 
         from autopeft import masked_lora
 
-        state = _state(model)
-        threshold = state.base * state.stage[min(step, len(state.stage)) - 1]
+        model = masked_lora.attach(model, context, params["max_rank"], params["alpha_ratio"], params["dropout"])
+        layers = masked_lora.slot_layers(model)
+        gates = []
+        for layer in layers.values():
+            gate = masked_lora.gate_of(layer).gate
+            gate.normal_()
+            # Trained by the gates' own Adam step in allocate, not by autopeft's optimizer (a buffer is not in
+            # model.parameters()), so weight decay and gradient clipping of the factors never touch it.
+            gate.requires_grad_(True)
+            gates.append(gate)
+        cost = torch.cat([torch.full((gate.numel(),), float(layer.in_features + layer.out_features)) for layer, gate in zip(layers.values(), gates)])
+        budget = min(params["target_rank"], params["max_rank"]) * sum(layer.in_features + layer.out_features for layer in layers.values())
+        end = max(1, round(params["sparsify_fraction"] * context.total_steps))
+        stage = [min(params["stages"], (s - 1) * params["stages"] // end + 1) for s in range(1, end + 1)]
+        state = _set_state(
+            model, gates=gates, cost=cost, budget=budget, end=end, stage=stage, sparse=True,
+            optimizer=torch.optim.Adam(gates, lr=params["learning_rate"]),
+        )
+        state.base = self._budget_threshold(state) / sum(stage)
+        return model
+
+    @staticmethod
+    def _budget_threshold(state) -> float:
+        """The smallest ξ whose soft-threshold leaves gates costing at most the budget (0 if they already do)."""
+        import torch
+
+        magnitude = torch.cat([gate.detach().flatten().abs().float().cpu() for gate in state.gates])
+        order = torch.argsort(magnitude, descending=True)
+        kept = int((state.cost[order].cumsum(0) <= state.budget).sum())
+        return float(magnitude[order[kept]]) if kept < len(order) else 0.0
+
+    @staticmethod
+    def _soft_threshold(state, xi: float) -> None:
+        """The proximal step of ``ξ·|g|``: ``g ← sign(g)·max(|g| − ξ, 0)``."""
+        import torch
+
         with torch.no_grad():
-            for gate in masked_lora.gates(model).values():
-                gate.gate.copy_(gate.gate.sign() * (gate.gate.abs() - threshold).clamp_min(0.0))
+            for gate in state.gates:
+                gate.copy_(gate.sign() * (gate.abs() - xi).clamp_min(0.0))
+
+    def allocate(self, model, step: int, context: AttachContext) -> None:
+        from autopeft import masked_lora
+
+        state = _state(model)
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        if not state.sparse:
+            return
+        cap = self._budget_threshold(state)
+        if step < state.end:
+            self._soft_threshold(state, min(state.base * state.stage[step - 1], cap))
+            return
+        self._soft_threshold(state, cap)
+        for gate in masked_lora.gates(model).values():
+            gate.mask.mul_((gate.gate[0] != 0).to(gate.mask.dtype))  # closed slots stay closed from now on
+        state.sparse = False
+
+    def settle(self, model) -> None:
+        state = _state(model)
+        if state.sparse:
+            self.allocate(model, max(state.end, 1), None)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -249,18 +310,25 @@ class LoRASqueeze(_Allocator):
     compress it by truncated SVD to ``target_rank`` (mode ``rank``) or to the smallest rank keeping an
     ``energy`` fraction of Σσ² (mode ``energy``, which gives each module its own rank and drops modules whose
     update is zero), write ``U√Σ`` and ``√Σ Vᵀ`` into the first slots, mask the others and keep training at the
-    compressed rank (``continue_fraction = 0``: pure post-hoc compression at the last step).
+    compressed rank (``continue_fraction = 0``: pure post-hoc compression at the last step). That is
+    ``schedule: post-hoc``. With ``schedule: in-squeeze`` the paper's in-tuning compression is followed: the
+    rank is annealed during training, compressed by the same SVD at ``ANNEAL_STAGES`` evenly spaced steps up
+    to ``1 − continue_fraction`` of the steps, to ranks falling linearly from ``source_rank`` to
+    ``target_rank`` (mode ``energy``: a kept energy falling linearly from 1 to ``energy``), with training in
+    between. The budget is ``target_rank`` (mode ``rank``): the exported rank of every module is exactly it,
+    unless a module's update has lower rank.
 
     The SVD is computed exactly from the factors (QR of ``B`` and ``Aᵀ``, then the SVD of the small
     ``r × r`` core): the same truncation as the paper's randomized SVD of the materialised ``ΔW``, without
     building the ``out × in`` matrix. The optimizer's moments are not reset after compression (masks, not
-    optimizer surgery); the in-tuning annealing variant of the paper is not implemented.
+    optimizer surgery).
     """
 
     name = "lora-squeeze"
     size_decided_in_training = True
     summary = "trains a high-rank LoRA, then compresses each module by SVD to a lower rank and continues training"
     paper = "Vulić et al., LoRA-Squeeze: Simple and Effective Post-Tuning and In-Tuning Compression of LoRA Modules, arXiv:2602.10993"
+    ANNEAL_STAGES = 4
 
     def search_space(self):
         return self._space(
@@ -269,6 +337,7 @@ class LoRASqueeze(_Allocator):
             target_rank=IntParam(1, 16, default=4, log=True, help="rank after compression", condition={"mode": ["rank"]}),
             energy=FloatParam(0.5, 0.99, default=0.9, help="fraction of Σσ² each module keeps", condition={"mode": ["energy"]}),
             continue_fraction=FloatParam(0.0, 0.5, default=0.2, help="fraction of the steps trained after compression"),
+            schedule=CategoricalParam(("post-hoc", "in-squeeze"), default="post-hoc", help="compress once, or anneal the rank down during training"),
         )
 
     def attach(self, model, params: dict[str, Any], context: AttachContext):
@@ -276,15 +345,23 @@ class LoRASqueeze(_Allocator):
 
         model = masked_lora.attach(model, context, params["source_rank"], params["alpha_ratio"], params["dropout"])
         squeeze_at = max(1, round((1 - params["continue_fraction"]) * context.total_steps))
-        _set_state(model, squeeze_at=squeeze_at, params=params, squeezed=False)
+        stages = min(self.ANNEAL_STAGES, squeeze_at) if params.get("schedule") == "in-squeeze" else 1
+        # Step at which each compression happens -> the fraction of the way from the source to the target.
+        plan = {round(squeeze_at * k / stages): k / stages for k in range(1, stages + 1)}
+        _set_state(model, plan=plan, params=params, squeezed=False)
         return model
 
     def allocate(self, model, step: int, context: AttachContext) -> None:
-        if step >= _state(model).squeeze_at:
-            self.settle(model)
+        progress = _state(model).plan.get(step)
+        if progress is not None:
+            self._squeeze(model, progress)
 
     def settle(self, model) -> None:
-        """Compress every module (once)."""
+        """Complete the compression to the target (once)."""
+        self._squeeze(model, 1.0)
+
+    def _squeeze(self, model, progress: float) -> None:
+        """Compress every module to the rank (or energy) ``progress`` of the way from the source to the target."""
         import torch
 
         from autopeft import masked_lora
@@ -299,7 +376,7 @@ class LoRASqueeze(_Allocator):
                 q_b, r_b = torch.linalg.qr((b * gate.slot_values()).float())
                 q_a, r_a = torch.linalg.qr(a.float().T)
                 u, sigma, vh = torch.linalg.svd(r_b @ r_a.T)
-                k = self._rank(sigma, state.params)
+                k = self._rank(sigma, state.params, progress)
                 root = sigma[:k].sqrt()
                 a.zero_()
                 b.zero_()
@@ -309,17 +386,19 @@ class LoRASqueeze(_Allocator):
                 gate.multiplier.fill_(1.0)
                 gate.mask.zero_()
                 gate.mask[:k] = 1.0
-        state.squeezed = True
+        state.squeezed = progress >= 1.0
 
     @staticmethod
-    def _rank(sigma, params: dict[str, Any]) -> int:
+    def _rank(sigma, params: dict[str, Any], progress: float = 1.0) -> int:
         nonzero = int((sigma > sigma.max() * 1e-6).sum()) if sigma.numel() and sigma.max() > 0 else 0
         if params["mode"] == "rank":
-            return min(params["target_rank"], nonzero)
+            source, target = params["source_rank"], params["target_rank"]
+            return min(math.ceil(source - (source - target) * progress), nonzero)
         energy = (sigma**2).cumsum(0)
         if nonzero == 0:
             return 0
-        return min(nonzero, int((energy < params["energy"] * energy[-1]).sum()) + 1)
+        wanted = 1.0 - (1.0 - params["energy"]) * progress
+        return min(nonzero, int((energy < wanted * energy[-1]).sum()) + 1)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -358,6 +437,9 @@ class DiffoRA(_Allocator):
     ``σ(α_m)`` is folded into their ``B``, the other modules are switched off (rank 0, left out of the export)
     and training continues on the kept ones. Simplification: the paper's weight-sharing discretisation is
     reduced to this top-ρ selection, and every kept module has the same ``rank``.
+
+    Budget: ``rho`` (with ``rank``): the export holds ``round(ρ · M)`` modules at ``rank``, an average rank of
+    ``ρ · rank`` over the ``M`` candidates; the outer search tunes both.
     """
 
     name = "diffora"
@@ -563,7 +645,9 @@ class BayesianLoRA(_Allocator):
     """Per-slot hard-concrete gates choose each module's rank; per-module Bayesian-Bits gates choose its bits.
 
     Rank: ``r_max − 1`` gates with temperature 2/3 and stretch (−0.1, 1.1); slot 0 is always on and slot ``i``
-    is on only if the gates of slots 1..i all are (the nested rank prior of the reference code). Bits: ``A`` and
+    is on only if the gates of slots 1..i all are. This nesting is autopeft's choice, not taken from the paper
+    or its code: it makes a module's rank the count of its leading slots, the way Bayesian Bits nests its bit
+    gates, so the rank prior is an expected rank. Bits: ``A`` and
     ``B`` are quantized per row to a 2-bit grid plus residuals on grids 5, 17 and 257 times finer (4, 8, 16 bits),
     each residual switched by its own gate, with straight-through rounding. Prior (``regularizer``):
     ``λ_rank · mean_m E[r_m]/r_max + λ_bits · mean_m BOPs_m · E[r_m]/r_max · Σ_b (b/16)·P(gates up to b on)``
@@ -580,6 +664,11 @@ class BayesianLoRA(_Allocator):
     rather than the singular values of an SVD-form adapter, the prior's BOPs use the expected rank and module
     size instead of measured MACs, one set of bit gates serves both factors of a module, quantization ranges
     follow the weights instead of being learned, and activations are not quantized.
+
+    Budget: there is no target size; ``lambda_rank`` (ranks) and ``lambda_bits`` (bits) set it, and the outer
+    search tunes them (a larger ``lambda_rank`` gives a smaller adapter). The learned bits reach the trial's
+    costs: ``finalize`` puts autopeft's fake quantization on each module at its bits, the trial runner bakes
+    them and counts ``adapter_bytes`` and ``bops_per_token`` at those bits.
     """
 
     name = "bayesian-lora"

@@ -21,7 +21,9 @@ from autopeft import masked_lora
 from autopeft.adapters import detach_peft_model
 from autopeft.cli import main
 from autopeft.hookspecs import AttachContext
+from autopeft.costs import measure
 from autopeft.placement import adapter_sites, select_sites
+from autopeft.quantize import apply_adapter_bits, bake_adapter_bits
 from autopeft.registry import load_registry
 from autopeft.space import decode, defaults
 from autopeft.testing import PEFT_TASK_TYPES, check_variant, tiny_batch, tiny_model
@@ -63,8 +65,10 @@ def test_allocator_conforms(name, params, task):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def attach(variant, params: dict, steps: int, targets: str = "q,k,v,o", task: str = CLS):
-    """Attach with the variant's defaults updated by ``params`` to a tiny model, for a ``steps``-step training."""
+def attach(variant, params: dict, steps: int, targets: str = "q,k,v,o", task: str = CLS, calibration=None):
+    """Attach with the variant's defaults updated by ``params`` to a tiny model, for a ``steps``-step training.
+
+    ``calibration(i)``: the i-th batch of the second stream (default: fresh random batches)."""
     space = variant.search_space()
     _, values = decode(defaults(variant.name, space), {variant.name: space})
     values.update(params, target_modules=targets)
@@ -72,7 +76,7 @@ def attach(variant, params: dict, steps: int, targets: str = "q,k,v,o", task: st
     context = AttachContext(
         task=task, peft_task_type=PEFT_TASK_TYPES[task], total_steps=steps, seed=0,
         target_modules=[s.name for s in select_sites(adapter_sites(base), targets)],
-        calibration_batches=lambda n: (tiny_batch(task, seed=1000 + i) for i in range(n)),
+        calibration_batches=lambda n: ((calibration or (lambda i: tiny_batch(task, seed=1000 + i)))(i) for i in range(n)),
     )
     torch.manual_seed(0)
     model = variant.attach(base, values, context)
@@ -147,6 +151,8 @@ def test_increlora_grows_ranks_up_to_the_budget(tmp_path):
 
 
 def test_increlora_gives_new_ranks_to_the_modules_with_the_highest_scores():
+    """At every growth round the modules that gain rank are exactly the top ones by importance score (and their
+    scores are positive). Catches: growing modules in any other order (e.g. by name, or the lowest scores)."""
     variant = IncreLoRA()
     params = {"init_r": 1, "target_rank": 3, "top_fraction": 0.25, "rank_step": 1, "max_rank_ratio": 3.0}
     model, context, optimizer = attach(variant, params, steps=20)
@@ -165,12 +171,68 @@ def test_increlora_gives_new_ranks_to_the_modules_with_the_highest_scores():
     assert grew >= 3
 
 
-def test_sora_gates_shrink_to_differing_ranks(tmp_path):
+def candidate_sizes(targets: str = "q,k,v,o") -> int:
+    """Σ (in + out) over the candidate modules of the tiny model: the parameters of one rank on each."""
+    return sum(s.in_features + s.out_features for s in select_sites(adapter_sites(tiny_model()), targets))
+
+
+def lora_parameters(folder: Path) -> int:
+    return sum(w.numel() for k, w in load_file(folder / "adapter_model.safetensors").items() if "lora_" in k)
+
+
+def test_sora_with_its_defaults_closes_gates_in_stages_down_to_the_budget(tmp_path):
+    """Defaults: 16 slots per module, a budget of 8 on average. The gates start from a normal draw, close
+    during the sparsifying phase (not only at its end) and the export holds 8 · Σ(in+out) parameters ± 10%.
+
+    Catches: removing the proximal soft-threshold (no gate ever reaches 0: twice the budget is exported);
+    removing the staged threshold while keeping the end-of-phase one (nothing closes before step 14); starting
+    the gates at 1 (they are all equal at the start)."""
     variant = SoRA()
-    model, _, totals = train(variant, {"shrink": 1.0})
-    assert totals[0] == 64 and totals[-1] < totals[0]
-    config = export_and_reload(variant, model, tmp_path)
+    model, context, optimizer = attach(variant, {}, steps=20)
+    start = torch.cat([g.gate.detach().flatten() for g in masked_lora.gates(model).values()])
+    assert start.numel() == 8 * 16 and start.std() > 0.5 and start.min() < 0 < start.max()
+    totals = [sum(step(variant, model, context, optimizer, number).values()) for number in range(1, 21)]
+    assert totals[6] < 8 * 16  # step 7, halfway through the phase of 14 steps (0.7 of 20)
+    assert totals[-1] <= totals[6]
+    config = export_and_reload(variant, model.eval(), tmp_path)
     assert differs(config, 8)
+    budget = 8 * candidate_sizes()
+    assert abs(lora_parameters(tmp_path) - budget) <= 0.1 * budget
+
+
+BUDGET_RUNS = {
+    "sora": {"max_rank": 8, "target_rank": 4},
+    "increlora": {"init_r": 1, "target_rank": 4, "max_rank_ratio": 2.0},
+    "lora-squeeze": {"source_rank": 8, "target_rank": 4, "mode": "rank"},
+    "lora-squeeze-in": {"source_rank": 8, "target_rank": 4, "mode": "rank", "schedule": "in-squeeze"},
+    "diffora": {"rank": 8, "rho": 0.5},
+}
+
+
+@pytest.mark.parametrize("run", list(BUDGET_RUNS))
+def test_allocator_exports_the_budget_it_is_given(run, tmp_path):
+    """An average rank of 4 from 8 slots (the tiny model's version of 8 from 16): the exported LoRA tensors
+    hold 4 · Σ(in+out) parameters ± 10%. The budget knob: ``target_rank`` (SoRA, IncreLoRA, LoRA-Squeeze),
+    ``rho`` · ``rank`` (DiffoRA). Catches an allocator that ignores its budget (SoRA without the proximal step
+    exports 8 ranks per module; IncreLoRA without growth stays at 1; LoRA-Squeeze without compression at 8)."""
+    variant = ALLOCATORS[run.removesuffix("-in")]()
+    model, _, _ = train(variant, BUDGET_RUNS[run])
+    variant.export(model, tmp_path)
+    budget = 4 * candidate_sizes()
+    assert abs(lora_parameters(tmp_path) - budget) <= 0.1 * budget
+
+
+def test_bayesian_lora_budget_follows_lambda_rank(tmp_path):
+    """Bayesian-LoRA has no target size: ``lambda_rank`` (tuned by the outer search) sets it. A strong rank
+    prior exports fewer LoRA parameters than a weak one. Catches: dropping the rank term of the prior."""
+    sizes = []
+    for strength in (1e-4, 0.5):
+        variant = BayesianLoRA()
+        params = {"lambda_rank": strength, "lambda_bits": 1e-4, "prior_warmup_fraction": 0.0}
+        model, _, _ = train(variant, params, steps=20, same_batch=True)
+        variant.export(model, tmp_path / str(strength))
+        sizes.append(lora_parameters(tmp_path / str(strength)))
+    assert sizes[1] < 0.75 * sizes[0]
 
 
 def test_lora_squeeze_compresses_each_module_to_the_energy_it_needs(tmp_path):
@@ -181,7 +243,22 @@ def test_lora_squeeze_compresses_each_module_to_the_energy_it_needs(tmp_path):
     assert max(exported_ranks(config).values()) < 16 and differs(config, 8)
 
 
+def test_lora_squeeze_in_squeeze_anneals_the_rank_during_training(tmp_path):
+    """``schedule: in-squeeze`` lowers the rank in stages while training (16 → 13 → 10 → 7 → 4 at steps 4, 8,
+    12, 16 of 20) and exports exactly the target rank. Catches: in-squeeze falling back to one post-hoc
+    compression (a single drop), or annealing that never reaches the target."""
+    variant = LoRASqueeze()
+    params = {"source_rank": 16, "target_rank": 4, "mode": "rank", "schedule": "in-squeeze", "continue_fraction": 0.2}
+    model, _, totals = train(variant, params)
+    per_module = [total // 8 for total in totals]
+    assert per_module[3] == 16 and per_module[4] == 13 and per_module[8] == 10 and per_module[12] == 7 and per_module[16:] == [4] * 5
+    config = export_and_reload(variant, model, tmp_path)
+    assert set(exported_ranks(config).values()) == {4}
+
+
 def test_lora_squeeze_keeps_the_best_rank_k_approximation_of_each_update():
+    """The compressed update is the best rank-2 approximation (Eckart–Young) of the trained one, and the
+    exported rank equals the target. Catches: a truncation other than the top singular triplets."""
     variant = LoRASqueeze()
     base = tiny_model()
     targets = [s.name for s in select_sites(adapter_sites(base), "q,v")]
@@ -202,6 +279,26 @@ def test_lora_squeeze_keeps_the_best_rank_k_approximation_of_each_update():
             assert torch.allclose(masked_lora.delta_weight(layer), best, atol=1e-4)
 
 
+def test_diffora_keeps_the_module_whose_update_lowers_the_held_out_loss():
+    """Only the last candidate module (in module order) has a non-zero update, fitted to the held-out batch that
+    the α steps see; every other module's update is zero, so its α gets no gradient. With ρ = 1/8 the α steps
+    must select that last module. Catches: deleting the α optimizer step (every σ(α) stays 0.5 and the first
+    module by order is kept)."""
+    variant = DiffoRA()
+    held_out = tiny_batch(CLS, seed=4321)
+    model, context, _ = attach(variant, {"rho": 0.125, "rank": 4, "search_fraction": 0.5}, steps=10, calibration=lambda i: held_out)
+    layers = masked_lora.slot_layers(model)
+    last = list(layers)[-1]
+    fitted = torch.optim.Adam(masked_lora.factor_weights(layers[last]), lr=1e-2)
+    for _ in range(10):
+        model(**held_out).loss.backward()
+        fitted.step()
+        model.zero_grad(set_to_none=True)
+    for number in range(1, 6):
+        variant.on_step(model, number, context)
+    assert {name for name, rank in masked_lora.active_ranks(model).items() if rank} == {last}
+
+
 def test_diffora_keeps_the_top_fraction_of_modules(tmp_path):
     variant = DiffoRA()
     model, _, totals = train(variant, {"rho": 0.5, "rank": 4, "search_fraction": 0.3})
@@ -211,10 +308,20 @@ def test_diffora_keeps_the_top_fraction_of_modules(tmp_path):
 
 
 def test_bayesian_lora_learns_ranks_and_exports_weights_on_the_recorded_grid(tmp_path):
+    """Ranks and bits are learned, the export lies on the recorded grid, and the trial's ``bops_per_token`` and
+    ``adapter_bytes`` (measured as the trial runner does, after ``bake_adapter_bits``) use the learned bits.
+    Catches: finalize not putting the learned bits on the model (the costs would be those of 32-bit weights)."""
     variant = BayesianLoRA()
     params = {"lambda_rank": 0.02, "lambda_bits": 0.02, "gate_lr_multiplier": 100.0, "prior_warmup_fraction": 0.3}
     model, _, totals = train(variant, params, steps=30, same_batch=True)
     assert totals[0] == 64 and totals[-1] < 64
+    learned = bake_adapter_bits(model)
+    sites = select_sites(adapter_sites(tiny_model()), "q,k,v,o")
+    costs = measure(model, sites, learned, 16, torch.float32)
+    ranks, by_name = masked_lora.final_ranks(model), {s.name: s for s in sites}
+    adapter = sum(r * (by_name[n].in_features + by_name[n].out_features) * learned.get(n, 32) * 32 for n, r in ranks.items())
+    assert learned and costs["bops_per_token"] == sum(s.in_features * s.out_features for s in sites) * 32 * 32 + adapter
+    assert costs["bops_per_token"] < measure(model, sites, {}, 16, torch.float32)["bops_per_token"]
     config = export_and_reload(variant, model, tmp_path)
     assert differs(config, 8)
     bits = json.loads((tmp_path / "adapter_bits.json").read_text())
@@ -300,3 +407,59 @@ def test_a_search_over_all_allocators_exports_a_ready_adapter_with_final_costs(t
     assert int(rows["diffora"]["trainable_params"]) == 4 * 8 * (32 + 32) + 66
     info = json.loads((tmp_path / "run" / "best" / "autopeft.json").read_text())
     assert info["variant"] in ALLOCATORS and any(m["rank"] for m in info["modules"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Adapter-bit quantization in training
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_adapter_fake_quantization_shapes_the_training_forward_with_straight_through_gradients():
+    """With 2 adapter bits, the forward pass in training uses weights on the 3-level grid (not the raw weights),
+    and the raw weights still get gradients. Catches: in-training fake quantization disabled
+    (``apply_adapter_bits`` registering nothing: the loss is that of the raw weights) and the straight-through
+    estimator removed (rounding has no gradient: the raw weights get none)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_model()
+    targets = [s.name for s in select_sites(adapter_sites(base), "q,v")]
+    model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", target_modules=targets, r=4, lora_alpha=8))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()
+    batch = tiny_batch(seed=5)
+    model.train()
+    with torch.no_grad():
+        raw_loss = float(model(**batch).loss)
+    apply_adapter_bits(model, {f"base_model.model.{name}": 2 for name in targets})
+    loss = model(**batch).loss
+    assert abs(float(loss) - raw_loss) > 1e-4
+    loss.backward()
+    for name in targets:
+        factor = model.get_submodule(f"base_model.model.{name}").lora_B["default"]
+        used, raw = factor.weight, factor.parametrizations.weight.original
+        scale = raw.detach().abs().amax(-1, keepdim=True)
+        assert torch.allclose(used.detach().abs(), scale.expand_as(used) * (used.detach() != 0))  # levels {-s, 0, s}
+        assert raw.grad is not None and raw.grad.abs().sum() > 0
+
+
+def test_bayesian_bits_rounding_passes_gradients_straight_through():
+    """Bayesian-LoRA with every residual bit gate off quantizes ``A`` to the 2-bit base grid (3 levels per row)
+    in the forward pass, and ``A`` still gets a gradient. Catches: plain ``round`` in place of the
+    straight-through rounding (no gradient reaches ``A``) and the quantizer being bypassed (more than 3 levels)."""
+    variant = BayesianLoRA()
+    model, context, _ = attach(variant, {"max_rank": 4}, steps=10)
+    with torch.no_grad():
+        for gate in masked_lora.gates(model).values():
+            gate.bits_theta.fill_(-100.0)
+        for layer in masked_lora.slot_layers(model).values():
+            masked_lora.factor_weights(layer)[1].normal_()
+    model.eval()
+    model(**tiny_batch(seed=2)).loss.backward()
+    for layer in masked_lora.slot_layers(model).values():
+        gate = masked_lora.gate_of(layer)
+        used = gate.factor_a().detach()
+        assert all(len(torch.unique(row)) <= 3 for row in used)
+        assert gate.linear.weight.grad is not None and gate.linear.weight.grad.abs().sum() > 0
