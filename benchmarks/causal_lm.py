@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def time_model_loads(model_id: str) -> dict:
-    """Seconds to resolve the model the first time (conversion into the cache) and again, plus a cached load."""
+    """Seconds to resolve the model the first time (conversion into the empty cache) and again with a load from
+    the cache; ``converted`` says whether the first call did convert (the cache must be empty before it)."""
     from transformers import AutoModelForCausalLM
 
     from autopeft.models import resolve_model
@@ -50,15 +51,19 @@ def time_model_loads(model_id: str) -> dict:
     from autopeft.spec import ModelSpec
 
     spec = ModelSpec(id=model_id, task="causal-lm")
+    registry = load_registry()
+    cache = Path(os.environ["AUTOPEFT_CACHE"])
+    empty_before = not any(cache.rglob("config.json")) if cache.exists() else True
     started = time.perf_counter()
-    resolve_model(spec, load_registry())
+    resolved = resolve_model(spec, registry)
     first = time.perf_counter() - started
+    converted = empty_before and (Path(resolved.path) / "config.json").is_file() and cache in Path(resolved.path).parents
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     started = time.perf_counter()
     resolved = resolve_model(spec, load_registry())
     AutoModelForCausalLM.from_pretrained(resolved.path)
     cached = time.perf_counter() - started
-    return {"first_load_seconds": round(first, 1), "peak_rss_mb_after_first_load": round(peak_mb), "cached_load_seconds": round(cached, 2)}
+    return {"first_load_seconds": round(first, 1), "converted": converted, "peak_rss_mb_after_first_load": round(peak_mb), "cached_load_seconds": round(cached, 2)}
 
 
 def base_scores(plan) -> dict:
@@ -73,6 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", default=str(ROOT / "examples" / "smollm2-chatterbot.yaml"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "causal_lm.jsonl"))
+    parser.add_argument("--loads-only", action="store_true", help="only time preparing and loading the packaged model")
     args = parser.parse_args()
 
     import torch
@@ -83,9 +89,16 @@ def main() -> None:
     os.environ["AUTOPEFT_CACHE"] = str(scratch / "cache")  # a fresh cache: the first load converts the GGUF
     try:
         spec = load_spec(args.spec)
+        # First, before anything else in this process can prepare the model.
+        loads = time_model_loads(spec.model.id)
+        if args.loads_only:
+            results_file.record({"benchmark": "causal_lm", "part": "model loads", "model": spec.model.id, "cpu_count": os.cpu_count(),
+                                 "torch_threads": torch.get_num_threads(), "load_average_before": [round(x, 2) for x in load_before],
+                                 "load_average_after": [round(x, 2) for x in os.getloadavg()], **loads, "torch": torch.__version__,
+                                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}, args.out)
+            return
         spec.output.dir = str(scratch / "run")
         plan = make_plan(spec)
-        loads = time_model_loads(spec.model.id)
         base = base_scores(plan)
         result = run_search(plan, Console(log_path=False))
         study = open_study(RunDir(spec.run_dir), spec.direction)
