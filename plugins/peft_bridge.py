@@ -161,6 +161,19 @@ def derive_space(config_class: type) -> dict[str, Param]:
     return space
 
 
+def peft_config(method: str | type, model, context, **fields: Any):
+    """PEFT's config for ``method`` (a ``PeftType`` name such as ``"VERA"``, or a config class) at autopeft's
+    placement: the task type, the target modules, the trial's seed in every seed field and the fields derived from
+    the placement, then ``fields``."""
+    from peft import PEFT_TYPE_TO_CONFIG_MAPPING, PeftType
+
+    config_class = method if isinstance(method, type) else PEFT_TYPE_TO_CONFIG_MAPPING[PeftType[method]]
+    names = {f.name for f in dataclasses.fields(config_class)}
+    automatic = {name: context.seed for name in SEED_FIELDS if name in names}
+    automatic |= {name: derive(model, context) for name, derive in DERIVED_FIELDS.items() if name in names}
+    return config_class(task_type=context.peft_task_type, target_modules=context.target_modules, **(automatic | fields))
+
+
 class BridgedVariant(PeftVariant):
     """One PEFT tuner, its config built from the sampled fields, the trial's seed and autopeft's placement."""
 
@@ -178,11 +191,7 @@ class BridgedVariant(PeftVariant):
         return dict(self._space)
 
     def build_config(self, model, params, context):
-        fields = {f.name for f in dataclasses.fields(self.config_class)}
-        own = {k: v for k, v in params.items() if k not in SHARED_PARAMS}
-        seeds = {name: context.seed for name in SEED_FIELDS if name in fields}
-        derived = {name: derive(model, context) for name, derive in DERIVED_FIELDS.items() if name in fields}
-        return self.config_class(task_type=context.peft_task_type, target_modules=context.target_modules, **seeds, **derived, **own)
+        return peft_config(self.config_class, model, context, **{k: v for k, v in params.items() if k not in SHARED_PARAMS})
 
     def attach(self, model, params, context):
         """PEFT checks shapes and field combinations as it builds the config and wraps the layers: what it rejects

@@ -1,6 +1,10 @@
-"""LoRA-family methods that Hugging Face PEFT implements, wrapped as searchable variants.
+"""LoRA-family methods that Hugging Face PEFT implements, wrapped as searchable variants with curated spaces.
 
-Each variant builds a PEFT config from its sampled parameters and lets PEFT do the rest. What PEFT leaves to the
+Every PEFT method is also searchable as ``peft:<method>`` with a space derived from its config fields
+(:mod:`autopeft_plugins.peft_bridge`); the short names here keep their spaces (alphas as ratios of the rank,
+ranges chosen per method) and add what a config class cannot say. Each variant maps its sampled parameters to
+config fields and the bridge's :func:`~autopeft_plugins.peft_bridge.peft_config` fills in the task, the placement
+and the seeds. What PEFT leaves to the
 caller is handled here: the data-aware LoRA inits (EVA, LoRA-GA, CorDA) get their calibration passes, the inits
 that rewrite the base weights (PiSSA, OLoRA, LoRA-GA, CorDA) are exported as plain LoRA and their base weights are
 put back on detach, AdaLoRA gets its rank allocation every step, and shape constraints (VB-LoRA, FourierFT, PiSSA)
@@ -45,11 +49,22 @@ def _require_rank_fits(model, names: list[str], rank: int, what: str) -> None:
 
 
 class PeftVariant(Variant):
-    """A variant PEFT implements: subclasses say how to build the PEFT config from the sampled parameters."""
+    """A variant PEFT implements: subclasses name the method (:attr:`peft_type`) and map the sampled parameters to
+    its config fields (:meth:`config_fields`); the task type, the placement and the seed fields are filled in the
+    way every ``peft:<method>`` variant fills them (:func:`autopeft_plugins.peft_bridge.peft_config`)."""
+
+    peft_type: str = ""
+    """PEFT's name of the method (a ``peft.PeftType`` member name such as ``"VERA"``)."""
+
+    def config_fields(self, model, params: dict[str, Any], context: AttachContext) -> dict[str, Any]:
+        """The config fields this trial sets (raise :class:`TrialFailed` for a configuration the model cannot take)."""
+        raise NotImplementedError
 
     def build_config(self, model, params: dict[str, Any], context: AttachContext):
-        """Return the PEFT config for this trial (raise :class:`TrialFailed` for a configuration the model cannot take)."""
-        raise NotImplementedError
+        """Return the PEFT config for this trial."""
+        from autopeft_plugins.peft_bridge import peft_config
+
+        return peft_config(self.peft_type, model, context, **self.config_fields(model, params, context))
 
     def attach(self, model, params: dict[str, Any], context: AttachContext):
         return _get_peft_model(model, self.build_config(model, params, context))
@@ -98,13 +113,10 @@ class RsLoRA(PeftVariant):
             dropout=FloatParam(0.0, 0.2, default=0.05, legal=PROBABILITY, help="dropout on the adapter's input"),
         )
 
-    def build_config(self, model, params, context):
-        from peft import LoraConfig
+    peft_type = "LORA"
 
-        return LoraConfig(
-            task_type=context.peft_task_type, target_modules=context.target_modules, r=params["r"],
-            lora_alpha=params["alpha"], lora_dropout=params["dropout"], use_rslora=True,
-        )
+    def config_fields(self, model, params, context):
+        return {"r": params["r"], "lora_alpha": params["alpha"], "lora_dropout": params["dropout"], "use_rslora": True}
 
 
 class DoRA(PeftVariant):
@@ -118,13 +130,10 @@ class DoRA(PeftVariant):
             dropout=FloatParam(0.0, 0.2, default=0.05, legal=PROBABILITY, help="dropout on the adapter's input"),
         )
 
-    def build_config(self, model, params, context):
-        from peft import LoraConfig
+    peft_type = "LORA"
 
-        return LoraConfig(
-            task_type=context.peft_task_type, target_modules=context.target_modules, r=params["r"],
-            lora_alpha=params["alpha_ratio"] * params["r"], lora_dropout=params["dropout"], use_dora=True,
-        )
+    def config_fields(self, model, params, context):
+        return {"r": params["r"], "lora_alpha": params["alpha_ratio"] * params["r"], "lora_dropout": params["dropout"], "use_dora": True}
 
 
 class LoRAInit(PeftVariant):
@@ -160,8 +169,9 @@ class LoRAInit(PeftVariant):
             )
         return space
 
-    def build_config(self, model, params, context):
-        from peft import LoraConfig
+    peft_type = "LORA"
+
+    def config_fields(self, model, params, context):
         from peft.tuners.lora.config import CordaConfig, EvaConfig, LoraGAConfig
 
         init, r = params["init"], params["r"]
@@ -177,10 +187,7 @@ class LoRAInit(PeftVariant):
             extra["lora_ga_config"] = LoraGAConfig()
         elif init == "corda":
             extra["corda_config"] = CordaConfig(corda_method=params["corda_method"])
-        return LoraConfig(
-            task_type=context.peft_task_type, target_modules=context.target_modules, r=r,
-            lora_alpha=params["alpha_ratio"] * r, init_lora_weights=init, **extra,
-        )
+        return {"r": r, "lora_alpha": params["alpha_ratio"] * r, "init_lora_weights": init, **extra}
 
     def attach(self, model, params, context):
         from peft.utils import get_peft_model_state_dict
@@ -349,9 +356,9 @@ class AdaLoRA(PeftVariant):
             "orth_reg_weight": CategoricalParam((0.1, 0.5), default=0.5, help="weight of the orthogonality penalty on P and Q"),
         }
 
-    def build_config(self, model, params, context):
-        from peft import AdaLoraConfig
+    peft_type = "ADALORA"
 
+    def config_fields(self, model, params, context):
         total = max(int(context.total_steps), 1)
         init_r = params["init_r"]
         target_r = max(1, round(params["target_ratio"] * init_r))
@@ -359,13 +366,12 @@ class AdaLoRA(PeftVariant):
         # PEFT needs at least one step of budgeting between them: shorten the ends on very short trials.
         tfinal = min(tfinal, max(total - tinit - 1, 0))
         tinit = min(tinit, total - tfinal - 1)
-        return AdaLoraConfig(
-            task_type=context.peft_task_type, target_modules=context.target_modules, init_r=init_r, target_r=target_r,
-            lora_alpha=params["alpha_ratio"] * init_r, tinit=tinit, tfinal=tfinal,
+        return {
+            "init_r": init_r, "target_r": target_r, "lora_alpha": params["alpha_ratio"] * init_r, "tinit": tinit, "tfinal": tfinal,
             # PEFT adds its penalty to every loss the model returns, evaluation included, which would skew eval_loss
             # against other variants: it is added in regularizer() instead, during training only.
-            deltaT=max(1, round(params["delta_t"] * total)), orth_reg_weight=0.0, total_step=total,
-        )
+            "deltaT": max(1, round(params["delta_t"] * total)), "orth_reg_weight": 0.0, "total_step": total,
+        }
 
     def attach(self, model, params, context):
         peft_model = super().attach(model, params, context)
@@ -402,14 +408,11 @@ class VeRA(PeftVariant):
             "d_initial": CategoricalParam((0.01, 0.1, 1.0), default=0.1, help="initial value of the d scaling vector"),
         }
 
-    def build_config(self, model, params, context):
-        from peft import VeraConfig
+    peft_type = "VERA"
 
+    def config_fields(self, model, params, context):
         # The shared projections are cut to each layer's size, so differently shaped targets are fine.
-        return VeraConfig(
-            task_type=context.peft_task_type, target_modules=context.target_modules, r=params["r"],
-            d_initial=params["d_initial"], projection_prng_key=context.seed, save_projection=True,
-        )
+        return {"r": params["r"], "d_initial": params["d_initial"], "save_projection": True}
 
 
 class RandLoRA(PeftVariant):
@@ -426,14 +429,10 @@ class RandLoRA(PeftVariant):
             "sparse": CategoricalParam((False, True), default=False, help="ternary sparse random bases"),
         }
 
-    def build_config(self, model, params, context):
-        from peft import RandLoraConfig
+    peft_type = "RANDLORA"
 
-        return RandLoraConfig(
-            task_type=context.peft_task_type, target_modules=context.target_modules, r=params["r"],
-            randlora_alpha=params["alpha_ratio"] * params["r"], sparse=params["sparse"],
-            projection_prng_key=context.seed, save_projection=True,
-        )
+    def config_fields(self, model, params, context):
+        return {"r": params["r"], "randlora_alpha": params["alpha_ratio"] * params["r"], "sparse": params["sparse"], "save_projection": True}
 
 
 class LoHa(PeftVariant):
@@ -448,13 +447,10 @@ class LoHa(PeftVariant):
             rank_dropout=FloatParam(0.0, 0.2, default=0.0, legal=PROBABILITY, help="dropout over the rank dimension"),
         )
 
-    def build_config(self, model, params, context):
-        from peft import LoHaConfig
+    peft_type = "LOHA"
 
-        return LoHaConfig(
-            task_type=context.peft_task_type, target_modules=context.target_modules, r=params["r"],
-            alpha=params["alpha_ratio"] * params["r"], rank_dropout=params["rank_dropout"],
-        )
+    def config_fields(self, model, params, context):
+        return {"r": params["r"], "alpha": params["alpha_ratio"] * params["r"], "rank_dropout": params["rank_dropout"]}
 
 
 class LoKr(PeftVariant):
@@ -470,14 +466,13 @@ class LoKr(PeftVariant):
             decompose_factor=CategoricalParam((-1, 4, 8), default=-1, help="size of the small factor (-1: near square)"),
         )
 
-    def build_config(self, model, params, context):
-        from peft import LoKrConfig
+    peft_type = "LOKR"
 
-        return LoKrConfig(
-            task_type=context.peft_task_type, target_modules=context.target_modules, r=params["r"],
-            alpha=params["alpha_ratio"] * params["r"], decompose_both=params["decompose_both"],
-            decompose_factor=params["decompose_factor"],
-        )
+    def config_fields(self, model, params, context):
+        return {
+            "r": params["r"], "alpha": params["alpha_ratio"] * params["r"], "decompose_both": params["decompose_both"],
+            "decompose_factor": params["decompose_factor"],
+        }
 
 
 class FourierFT(PeftVariant):
@@ -493,18 +488,15 @@ class FourierFT(PeftVariant):
             "scaling": CategoricalParam((50.0, 150.0, 300.0), default=150.0, help="scale of ΔW (like lora_alpha)"),
         }
 
-    def build_config(self, model, params, context):
-        from peft import FourierFTConfig
+    peft_type = "FOURIERFT"
 
+    def config_fields(self, model, params, context):
         n = params["n_frequency"]
         small = {name: s for name, s in _shapes(model, context.target_modules).items() if s[0] * s[1] < n}
         if small:
             name, (out, inp) = next(iter(small.items()))
             raise TrialFailed(f"FourierFT n_frequency={n} exceeds the {out}x{inp}={out * inp} entries of {name}")
-        return FourierFTConfig(
-            task_type=context.peft_task_type, target_modules=context.target_modules, n_frequency=n,
-            scaling=params["scaling"], random_loc_seed=context.seed,
-        )
+        return {"n_frequency": n, "scaling": params["scaling"]}
 
 
 class VBLoRA(PeftVariant):
@@ -524,9 +516,9 @@ class VBLoRA(PeftVariant):
             "topk": CategoricalParam((2, 4), default=2, help="bank vectors mixed per sub-vector"),
         }
 
-    def build_config(self, model, params, context):
-        from peft import VBLoRAConfig
+    peft_type = "VBLORA"
 
+    def config_fields(self, model, params, context):
         dims = [d for shape in _shapes(model, context.target_modules).values() for d in shape]
         common = reduce(math.gcd, dims)
         # Sub-vectors tile every weight exactly, so their length must divide all target dimensions.
@@ -535,10 +527,7 @@ class VBLoRA(PeftVariant):
             raise TrialFailed(f"VB-LoRA: the targets' dimensions {sorted(set(dims))} share no vector length above {length}")
         if params["topk"] > params["num_vectors"]:
             raise TrialFailed(f"VB-LoRA: topk={params['topk']} exceeds num_vectors={params['num_vectors']}")
-        return VBLoRAConfig(
-            task_type=context.peft_task_type, target_modules=context.target_modules, r=params["r"],
-            num_vectors=params["num_vectors"], vector_length=length, topk=params["topk"],
-        )
+        return {"r": params["r"], "num_vectors": params["num_vectors"], "vector_length": length, "topk": params["topk"]}
 
 
 @hookimpl
