@@ -61,6 +61,8 @@ STEP_REPORT_SECONDS = 2.0
 """A running trial reports its step and loss at most this often (each report is a round trip to the driver)."""
 PASSED_TO_WORKERS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE")
 """Environment variables of the search process that workers take over: they decide where a model is found."""
+WORKER_DIED = ("The actor died", "The actor experienced an error", "The worker died", "NodeDiedError", "ActorUnavailableError")
+"""What Ray's error says when a trial's process or node died (rather than the trial raising)."""
 TUNE_ENVIRONMENT = {
     # Tune's CSV/JSON/TensorBoard trial loggers: the study is the record.
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
@@ -365,10 +367,9 @@ class _RaySearch:
         driver, ticket = self.driver, entry.ticket
         self._keep_where(entry)
         if error:
-            reason = (
-                f"worker died {entry.failures} time(s) while running this trial, more than ray.max_failures="
-                f"{self.max_failures} allows ({entry.error_text or 'no message from Ray'})"
-            )
+            # A dead process or node; otherwise the trainable itself raised (which autopeft's never should).
+            what = "worker died" if any(marker in entry.error_text for marker in WORKER_DIED) else "the trial raised in its Ray worker"
+            reason = f"{what} {entry.failures} time(s), more than ray.max_failures={self.max_failures} allows ({entry.error_text or 'no message from Ray'})"
             return driver.failed(ticket, reason, entry.error_text)
         if entry.stop_reason is not None:
             return driver.pruned(ticket, entry.stop_reason)
@@ -480,8 +481,9 @@ class _RaySearch:
         where = short_node(entry.where) if entry.where else "its worker"
         entry.restart()
         if trial.should_recover():
+            what = f"the worker at {where} died" if any(marker in entry.error_text for marker in WORKER_DIED) else f"it raised in the worker at {where}"
             self.board.log(
-                f"trial {entry.ticket.number}: the worker at {where} died ({entry.error_text[:160] or 'no message'}); "
+                f"trial {entry.ticket.number}: {what} ({escape(entry.error_text[:160]) or 'no message'}); "
                 f"running it again ({entry.failures} of ray.max_failures={self.max_failures})"
             )
             self.board.update(entry.ticket.number, where=short_node({}), step=0, loss=None, metric="")

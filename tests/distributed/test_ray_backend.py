@@ -55,10 +55,17 @@ class Paced(Variant):
         time.sleep(self.pace)
 
 
+class Broken(Paced):
+    summary = "a variant whose every configuration fails"
+
+    def attach(self, model, params, context):
+        raise RuntimeError("boom: this variant cannot attach")
+
+
 @hookimpl
 def autopeft_variants():
     # Two small ones and a wide one: LoRA r=16 on a hidden size of 32 has 4162 trainable parameters.
-    return [Paced("paced", 2), Paced("paced-again", 2), Paced("paced-wide", 16)]
+    return [Paced("paced", 2), Paced("paced-again", 2), Paced("paced-wide", 16), Broken("broken", 2)]
 '''
 
 
@@ -68,7 +75,7 @@ def paced_spec(tmp_path: Path, tiny_bert: Path, sentiment_csv: Path, address: st
     space = {"learning_rate": {"low": 5e-3, "high": 2e-2}}
     for variant in variants:
         space[f"{variant}.pace"] = pace
-        space[f"{variant}.r"] = 16 if variant == "paced-wide" else {"low": 2, "high": 8}
+        space[f"{variant}.r"] = {"low": 2, "high": 8} if variant in ("paced", "paced-again") else 16
     search = {"variants": variants, "n_trials": n_trials, "seed": 0, "backend": "ray", "space": space, **sections.pop("search", {})}
     return write_spec(
         tmp_path,
@@ -85,34 +92,41 @@ def study_trials(run_dir: Path) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name="autopeft", storage=RunDir(run_dir).storage_url).get_trials(deepcopy=False)
 
 
-def running_workers(run_dir: Path) -> dict[int, dict]:
-    """``{trial number: its "ray" user attribute}`` of the trials RUNNING now, read as a separate reader would
-    while the search writes (SQLite may be busy for a moment)."""
+def live_trials(run_dir: Path) -> dict[int, tuple[str, dict]]:
+    """``{trial number: (state, user attributes)}``, read as a separate reader would while the search writes:
+    empty before the search created its study, retried while SQLite is busy."""
     database = run_dir / "study.db"
-    for _ in range(50):
+    for _ in range(100):
         if not database.is_file():
             return {}
         try:
             with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5)) as connection:
                 rows = connection.execute(
-                    "SELECT t.number, a.value_json FROM trials t JOIN trial_user_attributes a ON a.trial_id = t.trial_id "
-                    "WHERE t.state = 'RUNNING' AND a.key = 'ray'"
+                    "SELECT t.number, t.state, a.key, a.value_json FROM trials t "
+                    "LEFT JOIN trial_user_attributes a ON a.trial_id = t.trial_id"
                 ).fetchall()
-            return {number: json.loads(value) for number, value in rows}
-        except sqlite3.OperationalError:
+        except sqlite3.OperationalError as error:
+            if "no such table" in str(error):
+                return {}  # the study is being created
             time.sleep(0.1)
+            continue
+        out: dict[int, tuple[str, dict]] = {}
+        for number, state, key, value in rows:
+            attrs = out.setdefault(number, (state, {}))[1]
+            if key is not None:
+                attrs[key] = json.loads(value)
+        return out
     raise AssertionError(f"{database} stayed locked")
 
 
-def states(run_dir: Path) -> dict[int, str]:
-    database = run_dir / "study.db"
-    for _ in range(50):
-        try:
-            with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5)) as connection:
-                return dict(connection.execute("SELECT number, state FROM trials").fetchall())
-        except sqlite3.OperationalError:
-            time.sleep(0.1)
-    raise AssertionError(f"{database} stayed locked")
+def training_now(run_dir: Path) -> dict[int, dict]:
+    """``{trial number: its "ray" attribute}`` of the ``paced`` trials a worker is training right now: attached
+    (where it runs is known), not yet finished."""
+    return {
+        number: attrs["ray"]
+        for number, (state, attrs) in live_trials(run_dir).items()
+        if state == "RUNNING" and attrs.get("variant") == "paced" and "ray" in attrs and "ended" not in attrs["ray"]
+    }
 
 
 def wait_for(condition, timeout: float, what: str) -> None:
@@ -127,10 +141,11 @@ def test_trials_run_on_both_nodes_at_once_the_scheduler_prunes_and_best_loads_in
     """Four trials, two at a time, on a head and a worker node.
 
     Catches: the scheduler not stopping a trial its report condemns (``StudyScheduler.on_trial_result`` returning
-    CONTINUE: the wide baseline trains to the end and is recorded COMPLETE), ``max_concurrent_trials`` dropped
-    (trials run one after another: no overlap, one node), ``reuse_actors`` dropped or the per-process workbench
-    cache removed (a new process, or a second load, per trial), and adapter files not shipped back to the driver
-    (no ``best/``).
+    CONTINUE: the wide baseline trains to the end and is recorded COMPLETE), ``max_concurrent_trials`` not taken
+    from ``ray.max_concurrent`` (one trial at a time: no overlap, one node), trials Tune holds not counted toward
+    ``n_trials`` (a fifth trial), ``reuse_actors`` dropped or the per-process workbench cache removed (a new
+    process, or a second load, per trial), and adapter files not written back to ``adapters/trial-N`` (export
+    then trains the best trial again instead of using what the worker trained).
     """
     spec = paced_spec(
         tmp_path, tiny_bert, sentiment_csv, ray_cluster, ["paced", "paced-again", "paced-wide"], pace=0.15, n_trials=4,
@@ -162,25 +177,29 @@ def test_trials_run_on_both_nodes_at_once_the_scheduler_prunes_and_best_loads_in
     assert len(set(pids)) < len(pids), where
 
     best = run_dir / "best"
+    number = json.loads((best / "autopeft.json").read_text())["trial"]
+    assert (run_dir / "adapters" / f"trial-{number}" / "adapter_model.safetensors").is_file()
     predicted, recorded = plain_peft_test_predictions(best, tiny_bert, spec)
     assert predicted == recorded
 
 
-def test_a_worker_killed_mid_trial_costs_only_that_run_which_tune_runs_again(tmp_path, tiny_bert, sentiment_csv, ray_cluster):
-    """SIGKILL the worker process of a running trial: Tune runs the trial again on a new worker and the search
-    finishes all its trials, none failed.
+def test_a_killed_worker_costs_only_its_run_and_a_failing_configuration_is_not_retried(tmp_path, tiny_bert, sentiment_csv, ray_cluster):
+    """SIGKILL the worker process of a running trial: Tune runs the trial again on a new worker and it completes.
+    A configuration that raises fails once, with its own error as the reason, and is not run again.
 
     Catches: ``FailureConfig(max_failures=ray.max_failures)`` dropped (the killed trial is recorded failed, "worker
-    died"), and a trial's earlier reports kept across its re-run (the killed run's worker recorded).
+    died"), a re-run not counted in the trial's ``ray.restarts``, and the trainable letting a configuration's
+    exception escape instead of reporting it (Tune then retries it as if its worker had died, and the reason
+    recorded is Ray's, not the configuration's).
     """
-    spec = paced_spec(tmp_path, tiny_bert, sentiment_csv, ray_cluster, ["paced"], pace=0.3, n_trials=3)
+    spec = paced_spec(tmp_path, tiny_bert, sentiment_csv, ray_cluster, ["paced", "broken"], pace=0.3, n_trials=3)
     run_dir = tmp_path / "run"
     killed: dict = {}
 
     def kill_one_worker() -> None:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not killed:
-            for number, worker in running_workers(run_dir).items():
+            for number, worker in training_now(run_dir).items():
                 os.kill(worker["pid"], signal.SIGKILL)
                 killed.update(number=number, pid=worker["pid"])
                 return
@@ -193,7 +212,13 @@ def test_a_worker_killed_mid_trial_costs_only_that_run_which_tune_runs_again(tmp
     assert killed, "no running trial was seen"
 
     trials = study_trials(run_dir)
-    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    assert len(trials) == 3
+    assert {t.state.name for t in trials if t.user_attrs["variant"] == "paced"} == {"COMPLETE"}
+    broken = [t for t in trials if t.user_attrs["variant"] == "broken"]
+    assert 1 in [t.number for t in broken]  # the broken variant's baseline
+    for trial in broken:
+        assert trial.state.name == "FAIL"
+        assert trial.user_attrs["failure_reason"] == "RuntimeError: boom: this variant cannot attach"
     again = trials[killed["number"]].user_attrs["ray"]
     assert again["restarts"] == 1 and again["pid"] != killed["pid"]
     assert (run_dir / "best" / "adapter_model.safetensors").is_file()
@@ -203,9 +228,8 @@ def test_the_search_process_killed_mid_search_resumes_with_a_fresh_tuner(tmp_pat
     """``autopeft search`` joins the cluster as its own process and is killed with SIGKILL while trials run; the same
     command run again keeps every finished trial, runs the interrupted configurations again and stops at n_trials.
 
-    Catches: the searcher counting its own suggestions instead of the study's finished trials (``num_samples`` set
-    to ``n_trials``: the second run starts ``n_trials`` more), and Tune's leftover experiment state in
-    ``RUN_DIR/ray`` being required or read back (the second run fails or replays the first run's trials).
+    Catches: the searcher not counting the trials Tune holds toward ``n_trials`` (``wants_more`` asked without
+    ``running``: the resumed search, starting with two retries at once, overshoots to five complete trials).
     """
     spec = paced_spec(tmp_path, tiny_bert, sentiment_csv, ray_cluster, ["paced"], pace=0.3, n_trials=4)
     run_dir = tmp_path / "run"
@@ -213,7 +237,9 @@ def test_the_search_process_killed_mid_search_resumes_with_a_fresh_tuner(tmp_pat
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "120"}
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
     try:
-        wait_for(lambda: "COMPLETE" in states(run_dir).values() and running_workers(run_dir), 240, "a finished trial and a running one")
+        wait_for(
+            lambda: any(state == "COMPLETE" for state, _ in live_trials(run_dir).values()) and training_now(run_dir), 240, "a finished trial and a running one"
+        )
     finally:
         first.kill()  # SIGKILL: no cleanup of any kind
         output = first.communicate(timeout=60)[0]
