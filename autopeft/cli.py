@@ -171,16 +171,25 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         table = Table(title="variants", title_justify="left", caption="autopeft plugins NAME: one variant's search space; --details: all of them", caption_justify="left")
         for column in ("name", "kind", "allocation", "export", "source"):
             table.add_column(column)
+        # Families named "<family>:<method>" (one per PEFT tuner) take one line each, not a row per method.
+        families: dict[str, list[dict]] = {}
         for variant in listing["variants"]:
-            table.add_row(variant["name"], variant["kind"], "yes" if variant["supports_allocation"] else "no", variant["export_format"], variant["source"])
+            family, colon, method = variant["name"].partition(":")
+            if colon:
+                families.setdefault(family, []).append(variant)
+            else:
+                table.add_row(variant["name"], variant["kind"], "yes" if variant["supports_allocation"] else "no", variant["export_format"], variant["source"])
         console.print(table)
+        for family, members in families.items():
+            console.print(f"[bold]{family}:<method>[/] ({members[0]['source']}): " + ", ".join(v["name"].partition(":")[2] for v in members))
     if listing["unavailable"]:
-        unavailable = Table(title="unavailable variants (a spec cannot search them)", title_justify="left")
-        for column in ("name", "reason", "source"):
-            unavailable.add_column(column)
+        # Grouped by reason: several methods often share one (every prompt-learning method, say).
+        by_reason: dict[str, list[str]] = {}
         for variant in listing["unavailable"]:
-            unavailable.add_row(variant["name"], variant["reason"], variant["source"])
-        console.print(unavailable)
+            by_reason.setdefault(f"{variant['reason']} ({variant['source']})", []).append(variant["name"])
+        console.print("[bold]unavailable variants[/] (a spec cannot search them):")
+        for reason, names in by_reason.items():
+            console.print(f"  {', '.join(names)}: {reason}")
     console.print("[bold]models[/]: " + "; ".join(f"{m['model_id']} ({'installed' if m['installed'] else 'not installed'}, {m['source']})" for m in listing["models"]))
     console.print("[bold]corpora[/]: " + "; ".join(f"{c['name']} ({c['task']}, {c['source']})" for c in listing["corpora"]))
     console.print("[bold]presets[/]: " + ", ".join(listing["presets"]))

@@ -48,7 +48,7 @@ BROKEN_UP_TO = {
     "shadow": ("0.21.2", "PEFT's implementation fails in forward on BERT and Llama models ('ShadowCarrier' object has no attribute 'view')"),
 }
 # Methods a hand-written variant runs, because their config needs what only a trial knows.
-HAND_WRITTEN = {"adalora": "its rank schedule is counted in training steps, which only a trial knows: use the adalora variant"}
+HAND_WRITTEN = {"adalora": "its rank schedule is counted in a trial's steps: use the adalora variant"}
 # Methods whose layers the transformer blocks' linear layers are not, by PEFT type name: nothing in the config
 # class says which modules a tuner can wrap.
 NOT_FOR_LINEAR_LAYERS = {

@@ -251,6 +251,7 @@ def test_plugins_lists_the_unavailable_variants_apart_with_their_reasons(capsys)
     assert main(["plugins"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "unavailable variants" in out and "peft:poly" in out.split("unavailable variants", 1)[1]
+    assert "peft:<method>" in out and " hra," in out.split("unavailable variants", 1)[0]  # one line for the family
 
     assert main(["plugins", "peft:hra"]) == 0
     assert "apply_GS" in capsys.readouterr().out
