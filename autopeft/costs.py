@@ -2,7 +2,7 @@
 
 - ``trainable_params``: parameters that receive gradients (adapter and task head).
 - ``adapter_bytes``: size of what the exported adapter stores, each tensor at its bits (quantized adapter weights
-  at their bit width, the rest at their dtype's width). Measured on the saved adapter once it is exported; the
+  at their bit width plus one 16-bit scale per row, the rest at their dtype's width). Measured on the saved adapter once it is exported; the
   estimate at attach time (used to stop oversized configurations early) is what PEFT would save then.
 - ``bops_per_token``: bit operations of one token's forward pass through the adapted linear layers: for each
   transformer-block linear, MACs × weight bits × activation bits, plus the adapter's own MACs × adapter bits ×
@@ -22,13 +22,21 @@ if TYPE_CHECKING:
     import torch
 
 COST_NAMES = ("trainable_params", "adapter_bytes", "bops_per_token", "peak_memory_mb", "train_seconds")
+SCALE_BITS = 16
+"""Bits of the per-row scale a quantized adapter weight stores next to its payload (symmetric per-row grid)."""
 
 
 def _bytes(tensors: dict[str, torch.Tensor], bits: dict[str, int]) -> int:
     total_bits = 0
     for key, tensor in tensors.items():
         module = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
-        total_bits += tensor.numel() * bits.get(module, tensor.element_size() * 8)
+        if bits.get(module, 16) < 16:
+            # A rank-r factor has rows of r (B) or `in` (A) entries, each row with its own scale: for B at 2-4
+            # bits the scales weigh as much as the payload, so they are counted.
+            rows = tensor.shape[0] if tensor.dim() > 1 else 1
+            total_bits += tensor.numel() * bits[module] + rows * SCALE_BITS
+        else:
+            total_bits += tensor.numel() * tensor.element_size() * 8
     return total_bits // 8
 
 

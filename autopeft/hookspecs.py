@@ -78,6 +78,10 @@ class Variant:
     LoRA adapter) or ``"merged"`` (folded into a LoRA of the weight difference)."""
     supports_module_ranks: bool = False
     """Whether :meth:`attach` honours ``context.ranks`` (a rank per module chosen by the outer search)."""
+    supports_quantized_base: bool = False
+    """Whether the method trains on a base model whose linears are quantized (``search.base_bits`` below 16,
+    HQQ layers without a ``weight``). Declare True only for a method checked on such a base: the others are
+    refused when the spec is validated, rather than failing in every trial."""
     size_decided_in_training: bool = False
     """True for allocators whose final size is only known after training (they attach at a maximum rank and
     shrink or grow): size constraints are then checked on the trained adapter, not at attach time."""

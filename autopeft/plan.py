@@ -268,6 +268,13 @@ def make_plan(spec: Spec) -> Plan:
                 capable = ", ".join(sorted(n for n, f in registry.variants.items() if f.item.supports_module_ranks))
                 errors.append(SpecError(file, f"search.variants[{i}]", name, f"cannot take per-module ranks from search.allocation; variants that can: {capable}"))
 
+    quantized = sorted({b for b in spec.search.base_bits if b < 16})
+    if quantized:
+        for i, name in enumerate(variants):
+            if name in known and not registry.variant(name).supports_quantized_base:
+                capable = ", ".join(sorted(n for n, f in registry.variants.items() if f.item.supports_quantized_base))
+                errors.append(SpecError(file, f"search.variants[{i}]", name, f"cannot train on a quantized base (search.base_bits has {quantized}); variants that can: {capable}"))
+
     errors += _checked(errors, file, "search", None, lambda: _check_objectives(spec)) or []
     if _checked(errors, file, "model.id", spec.model.id, lambda: looks_like_local_path(spec.model.id) and not spec.resolve_path(spec.model.id).is_dir()):
         errors.append(SpecError(file, "model.id", spec.model.id, "looks like a local folder but does not exist; give an existing folder or a hub id"))

@@ -42,6 +42,7 @@ class _Allocator(Variant):
     """
 
     export_format = "lora"
+    supports_quantized_base = True  # masked_lora is PEFT's LoRA, which has HQQ layers
 
     def _space(self, **own) -> dict:
         return {

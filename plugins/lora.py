@@ -16,6 +16,7 @@ class LoRA(Variant):
     summary = "low-rank update B·A added to frozen linear layers"
     paper = "Hu et al., LoRA: Low-Rank Adaptation of Large Language Models, arXiv:2106.09685"
     supports_module_ranks = True
+    supports_quantized_base = True
 
     def search_space(self):
         return {

@@ -106,6 +106,7 @@ class RsLoRA(PeftVariant):
     name = "rslora"
     summary = "LoRA scaled by alpha/sqrt(r) so that higher ranks keep learning"
     paper = "Kalajdzievski, A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA, arXiv:2312.03732"
+    supports_quantized_base = True
 
     def search_space(self):
         return _lora_space(
@@ -123,6 +124,7 @@ class DoRA(PeftVariant):
     name = "dora"
     summary = "LoRA on the direction of each weight column plus a trained magnitude vector"
     paper = "Liu et al., DoRA: Weight-Decomposed Low-Rank Adaptation, arXiv:2402.09353"
+    supports_quantized_base = True
 
     def search_space(self):
         return _lora_space(

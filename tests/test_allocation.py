@@ -76,22 +76,35 @@ def test_adapter_bits_put_exported_weights_on_the_grid_and_shrink_the_adapter(tm
             scale = weight.abs().amax(dim=-1, keepdim=True) / 7
             assert torch.allclose((weight / scale).round() * scale, weight, atol=1e-6), key
             assert (weight / scale).round().abs().max() <= 7
-    costs = info["costs"]
-    lora_params = sum(w.numel() for k, w in load_file(best / "adapter_model.safetensors").items() if "lora_" in k)
-    head_params = sum(w.numel() for k, w in load_file(best / "adapter_model.safetensors").items() if "lora_" not in k)
-    assert costs["adapter_bytes"] == lora_params * 4 // 8 + head_params * 4
+    costs, weights = info["costs"], load_file(best / "adapter_model.safetensors")
+    lora_params = sum(w.numel() for k, w in weights.items() if "lora_" in k)
+    lora_rows = sum(w.shape[0] for k, w in weights.items() if "lora_" in k)  # one 16-bit scale per row
+    head_params = sum(w.numel() for k, w in weights.items() if "lora_" not in k)
+    assert costs["adapter_bytes"] == (lora_params * 4 + lora_rows * 16) // 8 + head_params * 4
+
+
+def test_adapter_bytes_count_the_per_row_scales_of_quantized_factors():
+    """A 2-bit rank-4 LoRA on a 32 × 32 module: A (4 × 32) and B (32 × 4) hold 256 entries at 2 bits (64 bytes)
+    and 36 rows, each with a 16-bit scale (72 bytes): B's scales outweigh its payload. Catches: counting the
+    payload only (64 bytes)."""
+    from autopeft.costs import _bytes
+
+    tensors = {"base_model.model.q.lora_A.weight": torch.zeros(4, 32), "base_model.model.q.lora_B.weight": torch.zeros(32, 4)}
+    assert _bytes(tensors, {"q": 2}) == 64 + 72
+    assert _bytes(tensors, {}) == 256 * 4
 
 
 def test_a_quantized_base_is_searched_and_recorded(tmp_path, tiny_bert, sentiment_csv):
-    spec = allocation_spec(tmp_path, tiny_bert, sentiment_csv, n_trials=2, baseline=False, base_bits=[4, 16], sampler="random")
+    # One fixed adapter, so the bit operations differ only by the base's bits; seed 0 samples both bit widths.
+    fixed = {"learning_rate": 1e-2, "lora.r": 4, "target_modules": "q,v", "lora.alpha_ratio": 2.0, "lora.dropout": 0.0}
+    spec = allocation_spec(tmp_path, tiny_bert, sentiment_csv, n_trials=2, baseline=False, base_bits=[4, 16], sampler="random", seed=0, space=fixed)
     assert main(["search", str(spec)]) == 0
     run = tmp_path / "run"
     with open(run / "trials.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert {r["param_base_bits"] for r in rows} <= {"4", "16"} and all(r["state"] == "COMPLETE" for r in rows)
     bops = {int(r["param_base_bits"]): float(r["bops_per_token"]) for r in rows}
-    if len(bops) == 2:
-        assert bops[4] < bops[16]
+    assert set(bops) == {4, 16} and bops[4] < bops[16]
     info = json.loads((run / "best" / "autopeft.json").read_text())
     bits = info["base_bits"]
     assert info["base_model"]["quantization"] == ({"bits": 4, "method": "hqq"} if bits == 4 else None)
@@ -133,3 +146,38 @@ def test_rank_choices_are_validated(tmp_path, tiny_bert, sentiment_csv, capsys, 
     spec = allocation_spec(tmp_path, tiny_bert, sentiment_csv, allocation={"ranks": ranks})
     assert main(["validate", str(spec)]) == 2
     assert "search.allocation.ranks" in capsys.readouterr().err
+
+
+def test_every_variant_trains_on_a_quantized_base_or_is_refused_at_validate(tmp_path, tiny_bert, sentiment_csv, capsys):
+    """Every variant that declares ``supports_quantized_base`` trains on a 4-bit HQQ base; asking a 4-bit base of
+    one that does not (lora-xs, nola: they read the base ``weight``, which HQQ layers lack) is refused by
+    ``validate`` naming the key, the variant and the reason, and the same spec with a 16-bit base is accepted.
+    Catches: the plan check removed (lora-xs passes validate, then every trial crashes), and a variant declared
+    capable that fails on an HQQ base."""
+    from autopeft.plan import make_plan
+    from autopeft.registry import load_registry
+    from autopeft.space import decode, defaults
+    from autopeft.spec import load_spec
+    from autopeft.trial import TrialConfig, Workbench
+
+    spec = allocation_spec(tmp_path, tiny_bert, sentiment_csv, variants=["lora-xs", "nola"], space={}, base_bits=[4, 16])
+    assert main(["validate", str(spec)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "search.variants[0]" in err and "search.variants[1]" in err and "cannot train on a quantized base" in err
+    spec = allocation_spec(tmp_path, tiny_bert, sentiment_csv, variants=["lora-xs", "nola"], space={}, base_bits=[16])
+    assert main(["validate", str(spec)]) == 0
+
+    registry = load_registry()
+    capable = sorted(n for n, f in registry.variants.items() if f.item.supports_quantized_base)
+    assert {"lora", "sora", "increlora", "lora-squeeze", "diffora", "bayesian-lora"} <= set(capable)
+    assert not {"lora-xs", "nola"} & set(capable)
+    spec = write_spec(
+        tmp_path, model={"id": str(tiny_bert), "task": "sequence-classification"}, data={"source": str(sentiment_csv)},
+        training={"max_steps": 2, "batch_size": 8, "eval_every": 2, "eval_batch_size": 40},
+    )
+    workbench = Workbench(make_plan(load_spec(spec)))
+    for name in capable:
+        space = registry.variant(name).search_space()
+        _, values = decode(defaults(name, space), {name: space})
+        outcome = workbench.run_trial(TrialConfig(name, values, base_bits=4), seed=0)
+        assert outcome.costs["bops_per_token"] > 0, name
