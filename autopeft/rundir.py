@@ -32,7 +32,7 @@ import yaml
 
 from autopeft.errors import RunDirError, SpecError, SpecErrors
 from autopeft.runlock import LOCK_NAME
-from autopeft.spec import Spec, parse_spec
+from autopeft.spec import Spec, load_yaml, parse_spec
 
 if TYPE_CHECKING:
     import optuna
@@ -277,7 +277,7 @@ class RunDir:
                 raise ValueError("it is empty")
             if not text.endswith("\n"):  # autopeft ends it with a newline: a file cut short usually stops mid-line
                 raise ValueError("it stops in the middle of a line")
-            spec = parse_spec(yaml.safe_load(text), str(self.spec_file))
+            spec = parse_spec(load_yaml(text, str(self.spec_file)), str(self.spec_file))
         except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
             reason = str(exc)
         except yaml.YAMLError as exc:

@@ -15,6 +15,7 @@ import optuna
 import pytest
 
 from autopeft.cli import main
+from autopeft.errors import RunDirError
 from autopeft.rundir import RunDir
 from conftest import write_spec
 
@@ -41,12 +42,15 @@ def trials(run_dir: Path) -> list[optuna.trial.FrozenTrial]:
     """The study's trials, read as another process would while a search may be writing (SQLite can be busy)."""
     import sqlalchemy
 
-    for attempt in range(50):
+    deadline = time.monotonic() + 90
+    while True:
         try:
-            return optuna.load_study(study_name="autopeft", storage=RunDir(run_dir).storage_url).get_trials(deepcopy=False)
-        except (sqlalchemy.exc.OperationalError, KeyError):  # busy, or study.db made but the study not yet
+            # Opened as `autopeft status` opens it: no table creation, so the reader never takes a write lock.
+            return optuna.load_study(study_name="autopeft", storage=RunDir(run_dir).open_storage()).get_trials(deepcopy=False)
+        except (sqlalchemy.exc.OperationalError, KeyError, RunDirError):  # busy, or the study not made yet
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the study in {run_dir} stayed unreadable") from None
             time.sleep(0.2)
-    raise AssertionError(f"the study in {run_dir} stayed locked")
 
 
 def configurations(run_dir: Path, states=("COMPLETE", "PRUNED")) -> list[dict]:
