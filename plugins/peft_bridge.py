@@ -10,15 +10,23 @@ seed. ``learning_rate`` and ``target_modules`` are the shared parameters.
 A method autopeft cannot offer (prompt learning, a config that needs arguments autopeft cannot derive, layers
 the transformer blocks do not have) is declared :class:`~autopeft.registry.Unavailable` with the reason:
 ``autopeft plugins`` lists it apart and ``autopeft validate`` refuses a spec that asks for it.
+
+Reading the config classes means importing PEFT and torch (seconds); what the bridge reads of them is plain data,
+kept per PEFT version in autopeft's cache (:func:`cache_file`), so plugin loading stays fast and PEFT is imported
+only when a trial builds a config.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
+import json
+import os
 import typing
 import warnings
 from fnmatch import fnmatchcase
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from autopeft import CategoricalParam, FloatParam, IntParam, Variant, hookimpl, shared
@@ -74,14 +82,14 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _count(default: Any, annotation: Any) -> Optional[Param]:
+def _count(default: Any, literals: list) -> Optional[Param]:
     """Ranks and other counts: a log-scale range from a quarter to four times PEFT's default."""
     if not isinstance(default, int) or isinstance(default, bool) or default < 1:
         return None  # 0 or None mean "derive it from another field" in PEFT
     return IntParam(max(1, default // 4), default * 4, default=default, log=True, legal=RANK, help="searched around PEFT's default")
 
 
-def _scale(default: Any, annotation: Any) -> Optional[Param]:
+def _scale(default: Any, literals: list) -> Optional[Param]:
     """Alphas and scalings: half, the same or twice PEFT's default."""
     if not _number(default) or default <= 0:
         return None
@@ -89,15 +97,15 @@ def _scale(default: Any, annotation: Any) -> Optional[Param]:
     return CategoricalParam(tuple(kind(default * f) for f in (0.5, 1, 2)), default=default, help="scale of the update")
 
 
-def _dropout(default: Any, annotation: Any) -> Optional[Param]:
+def _dropout(default: Any, literals: list) -> Optional[Param]:
     if not _number(default) or not 0 <= default < 1:
         return None
     return FloatParam(0.0, max(0.2, float(default)), default=float(default), legal=PROBABILITY, help="dropout probability")
 
 
-def _init(default: Any, annotation: Any) -> Optional[Param]:
+def _init(default: Any, literals: list) -> Optional[Param]:
     """PEFT's default and the named initialisations its type annotation lists (Literal or enum values)."""
-    named = [v for v in _literal_values(annotation) if isinstance(v, str) and "[" not in v and v not in DATA_OR_BASE_INITS]
+    named = [v for v in literals if isinstance(v, str) and "[" not in v and v not in DATA_OR_BASE_INITS]
     choices = tuple(dict.fromkeys([default, *named]))
     if len(choices) < 2 or not all(_plain(c) for c in choices):
         return None
@@ -105,7 +113,7 @@ def _init(default: Any, annotation: Any) -> Optional[Param]:
 
 
 # The one table of fields searched: (field name patterns, rule). The first matching rule that yields a parameter wins.
-FIELD_RULES: tuple[tuple[tuple[str, ...], Callable[[Any, Any], Optional[Param]]], ...] = (
+FIELD_RULES: tuple[tuple[tuple[str, ...], Callable[[Any, list], Optional[Param]]], ...] = (
     (("r", "rank", "n_frequency", "boft_block_size", "oft_block_size", "num_vectors"), _count),
     (("alpha", "*_alpha", "scaling"), _scale),
     (("dropout", "*_dropout"), _dropout),
@@ -143,20 +151,33 @@ def _field_default(field: dataclasses.Field) -> Any:
     return dataclasses.MISSING  # a factory (a dict or a sub-config): not a scalar autopeft can offer
 
 
-def derive_space(config_class: type) -> dict[str, Param]:
-    """The search space of a PEFT config class: the shared parameters, then one parameter per plain field."""
+def describe_fields(config_class: type) -> list[dict[str, Any]]:
+    """``[{name, default, literals}]`` for the config's own fields whose default is a plain value (JSON-ready)."""
     from peft.config import PeftConfig
 
     base_fields = {f.name for f in dataclasses.fields(PeftConfig)}
     hints = _annotations(config_class)
-    space: dict[str, Param] = {"learning_rate": shared("learning_rate"), "target_modules": shared("target_modules")}
+    described = []
     for field in dataclasses.fields(config_class):
-        name, default = field.name, _field_default(field)
-        if name in base_fields or name in SHARED_PARAMS or name in SEED_FIELDS or name in DERIVED_FIELDS or _matches(name, HIDDEN_FIELDS):
+        default = _field_default(field)
+        if field.name in base_fields or default is dataclasses.MISSING or not _plain(default):
             continue
-        if default is dataclasses.MISSING or default is None or not _plain(default):
-            continue  # None means "derived by PEFT"; factories and sub-configs are not scalars
-        searched = next((p for patterns, rule in FIELD_RULES if _matches(name, patterns) and (p := rule(default, hints.get(name))) is not None), None)
+        literals = [v for v in _literal_values(hints.get(field.name)) if _plain(v)]
+        described.append({"name": field.name, "default": default, "literals": literals})
+    return described
+
+
+def derive_space(fields: list[dict[str, Any]]) -> dict[str, Param]:
+    """The search space of a config described by :func:`describe_fields`: the shared parameters, then one
+    parameter per plain field, searched by :data:`FIELD_RULES` or fixed at PEFT's default."""
+    space: dict[str, Param] = {"learning_rate": shared("learning_rate"), "target_modules": shared("target_modules")}
+    for field in fields:
+        name, default = field["name"], field["default"]
+        if name in SHARED_PARAMS or name in SEED_FIELDS or name in DERIVED_FIELDS or _matches(name, HIDDEN_FIELDS):
+            continue
+        if default is None:
+            continue  # None means "derived by PEFT from other fields"
+        searched = next((p for patterns, rule in FIELD_RULES if _matches(name, patterns) and (p := rule(default, field["literals"])) is not None), None)
         space[name] = searched or CategoricalParam((default,), default=default, help=f"PEFT's default; set it with space: {{<variant>.{name}: value}}")
     return space
 
@@ -180,18 +201,17 @@ class BridgedVariant(PeftVariant):
     summary = ""
     paper = ""
 
-    def __init__(self, method: str, config_class: type) -> None:
-        self.name = PREFIX + method
-        self.config_class = config_class
-        doc = (config_class.__doc__ or "").strip().splitlines()
-        self.summary = f"PEFT's {config_class.__name__}" + (f": {doc[0].strip()}" if doc else "")
-        self._space = derive_space(config_class)
+    def __init__(self, description: dict[str, Any]) -> None:
+        self.name = PREFIX + description["type"].lower()
+        self.peft_type = description["type"]
+        self.summary = f"PEFT's {description['config']}" + (f": {description['doc']}" if description["doc"] else "")
+        self._space = derive_space(description["fields"])
 
     def search_space(self) -> dict[str, Param]:
         return dict(self._space)
 
     def build_config(self, model, params, context):
-        return peft_config(self.config_class, model, context, **{k: v for k, v in params.items() if k not in SHARED_PARAMS})
+        return peft_config(self.peft_type, model, context, **{k: v for k, v in params.items() if k not in SHARED_PARAMS})
 
     def attach(self, model, params, context):
         """PEFT checks shapes and field combinations as it builds the config and wraps the layers: what it rejects
@@ -235,21 +255,70 @@ def _unavailable_reason(method: str, config_class: type) -> Optional[str]:
     return None
 
 
-def bridged() -> list[Variant | Unavailable]:
-    """A ``peft:<method>`` declaration for every config class in the installed PEFT, available or not."""
+def describe(peft_type: str, config_class: type) -> dict[str, Any]:
+    """What the bridge needs of one PEFT method, as JSON-ready data: its ``PeftType`` name, config class name, first
+    doc line, why it is unavailable (or None) and its plain fields."""
+    reason = _unavailable_reason(peft_type.lower(), config_class)
+    doc = (config_class.__doc__ or "").strip().splitlines()
+    description = {"type": peft_type, "config": config_class.__name__, "doc": doc[0].strip() if doc else "", "reason": reason, "fields": []}
+    if reason is None:
+        try:
+            description["fields"] = describe_fields(config_class)
+        except Exception as exc:  # a config class autopeft cannot read must not hide the others
+            description["reason"] = f"its config fields could not be read ({type(exc).__name__}: {exc})"
+    return description
+
+
+def describe_installed() -> list[dict[str, Any]]:
+    """:func:`describe` for every config class in the installed PEFT's ``PEFT_TYPE_TO_CONFIG_MAPPING``."""
     from peft import PEFT_TYPE_TO_CONFIG_MAPPING
 
+    return [describe(str(getattr(t, "value", t)), config_class) for t, config_class in PEFT_TYPE_TO_CONFIG_MAPPING.items()]
+
+
+def cache_file() -> Path:
+    """Where the installed PEFT's description is kept. Importing PEFT (and torch) takes seconds, and every
+    ``autopeft validate`` and ``autopeft plugins`` loads the plugins: the name changes with PEFT's version, with
+    this module and with the installed packages (an optional dependency decides whether a method is available)."""
+    from importlib.metadata import distributions, version
+
+    from autopeft_plugins.packaged_models import cache_root
+
+    installed = sorted({(d.metadata["Name"] or "", d.version) for d in distributions()})  # a set: the same one found twice on sys.path
+    key = hashlib.sha256(repr((Path(__file__).read_bytes(), installed)).encode()).hexdigest()[:16]
+    return cache_root() / "peft-bridge" / f"peft-{version('peft')}-{key}.json"
+
+
+def installed_methods() -> list[dict[str, Any]]:
+    """:func:`describe_installed`, read from :func:`cache_file` when it is there, else computed and saved."""
+    path = cache_file()
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    methods = describe_installed()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        partial.write_text(json.dumps(methods))
+        os.replace(partial, path)  # whole or absent: a concurrent reader never sees half a file
+    except OSError:
+        pass  # a read-only cache only costs the next process the PEFT import again
+    return methods
+
+
+def bridged(methods: Optional[list[dict[str, Any]]] = None) -> list[Variant | Unavailable]:
+    """A ``peft:<method>`` declaration for every described PEFT method (default: the installed ones), available or not."""
     declared: list[Variant | Unavailable] = []
-    for peft_type, config_class in PEFT_TYPE_TO_CONFIG_MAPPING.items():
-        method = str(getattr(peft_type, "value", peft_type)).lower()
-        reason = _unavailable_reason(method, config_class)
+    for description in installed_methods() if methods is None else methods:
+        name, reason = PREFIX + description["type"].lower(), description["reason"]
         if reason is None:
             try:
-                declared.append(BridgedVariant(method, config_class))
+                declared.append(BridgedVariant(description))
                 continue
-            except Exception as exc:  # a config class autopeft cannot read must not hide the others
+            except Exception as exc:  # fields autopeft cannot turn into a space must not hide the others
                 reason = f"its config fields could not be turned into a search space ({type(exc).__name__}: {exc})"
-        declared.append(Unavailable(PREFIX + method, reason))
+        declared.append(Unavailable(name, reason))
     return declared
 
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from typing import Literal, Optional
 
 import optuna
@@ -149,12 +152,29 @@ def test_a_new_peft_method_becomes_a_variant_without_an_autopeft_change(monkeypa
         mode: str = "fast"
 
     monkeypatch.setitem(PEFT_TYPE_TO_CONFIG_MAPPING, "NEWMETHOD", NewConfig)
-    declared = {d.name: d for d in peft_bridge.bridged()}
+    declared = {d.name: d for d in peft_bridge.bridged(peft_bridge.describe_installed())}
     space = declared["peft:newmethod"].search_space()
     assert space["rank"].low == 4 and space["rank"].high == 64 and space["rank"].default == 16
     assert space["new_dropout"].default == 0.1
     assert set(space["init_weights"].choices) == {"spectral", "zeros"}
     assert space["mode"].choices == ("fast",)
+
+
+def test_plugins_load_from_the_cached_description_without_importing_peft(tmp_path):
+    """Catches dropping the cache: every `autopeft validate` and `autopeft plugins` would import PEFT and torch.
+    The cache file is named by PEFT's version, and a fresh process reads it instead of importing PEFT."""
+    from importlib.metadata import version
+
+    env = {**os.environ, "AUTOPEFT_CACHE": str(tmp_path)}
+    script = (
+        "import sys; from autopeft.registry import load_registry; r = load_registry(); "
+        "print('peft' in sys.modules, 'peft:hra' in r.variants, r.unavailable['peft:poly'].item.reason)"
+    )
+    runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300) for _ in range(2)]
+    assert [run.stdout.split()[:2] for run in runs] == [["True", "True"], ["False", "True"]], [r.stderr[-2000:] for r in runs]
+    assert runs[0].stdout == runs[1].stdout.replace("False", "True", 1)  # the same declarations, reasons included
+    files = list((tmp_path / "peft-bridge").iterdir())
+    assert len(files) == 1 and files[0].name.startswith(f"peft-{version('peft')}-")
 
 
 def _context(model, task="sequence-classification"):
@@ -175,6 +195,16 @@ def test_a_default_the_model_cannot_take_fails_the_trial_with_peft_reason_and_le
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("name,field", [("peft:vera", "projection_prng_key"), ("peft:fourierft", "random_loc_seed"), ("vera", "projection_prng_key"), ("fourierft", "random_loc_seed")])
+def test_the_trial_seed_reaches_every_seed_field(name, field):
+    """Catches peft_config dropping the seeds: every trial would draw the same random projections or frequencies."""
+    model = tiny_model()
+    variant = REGISTRY.variant(name)
+    context = dataclasses.replace(_context(model), seed=123)
+    config = variant.build_config(model, {k: p.default for k, p in variant.search_space().items()}, context)
+    assert getattr(config, field) == 123
 
 
 def test_ia3_feedforward_modules_follow_the_placement():
