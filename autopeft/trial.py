@@ -206,7 +206,7 @@ class Workbench:
             trainable = [p for p in model.parameters() if p.requires_grad]
             if not trainable:
                 raise TrialFailed(f"variant {config.variant!r} left no parameter to train")
-            listener.on_attach(measure(model, self.sites, config.bits, config.base_bits, self.dtype))
+            listener.on_attach(self._attach_costs(variant, model, config))
             optimizer = torch.optim.AdamW(trainable, lr=params["learning_rate"], weight_decay=training.weight_decay)
             schedule = get_linear_schedule_with_warmup(optimizer, int(training.warmup_ratio * training.max_steps), training.max_steps)
             eval_every = training.eval_every or training.max_steps
@@ -248,6 +248,19 @@ class Workbench:
             restored = variant.detach(model)
             restored.eval()
             self.put_back(config.base_bits, restored)
+
+    def _attach_costs(self, variant, model: torch.nn.Module, config: TrialConfig) -> dict[str, float]:
+        """Costs known before training. When a constraint bounds ``adapter_bytes``, the adapter is exported once
+        to a temporary folder and measured there: variants that convert on export (frozen bases materialised as
+        plain LoRA) store more than they train, and a size constraint must judge what will be stored."""
+        import tempfile
+
+        costs = measure(model, self.sites, config.bits, config.base_bits, self.dtype)
+        if any(name == "adapter_bytes" for name, _, _ in self.plan.spec.constraints()):
+            with tempfile.TemporaryDirectory(prefix="autopeft-size-") as folder:
+                variant.export(model, Path(folder))
+                costs["adapter_bytes"] = exported_bytes(Path(folder), config.bits)
+        return costs
 
     def evaluate(self, model: torch.nn.Module, examples: list[dict]) -> Evaluation:
         """Metrics of ``model`` on ``examples``: accuracy and macro-F1 (classification) or loss and perplexity."""

@@ -64,3 +64,14 @@ def test_a_baseline_for_a_variant_not_searched_is_refused(tmp_path, tiny_bert, s
     spec = write_spec(tmp_path, model={"id": str(tiny_bert)}, data={"source": str(sentiment_csv)}, search={"variants": ["lora"], "baseline": ["dorra"]})
     assert main(["validate", str(spec)]) == 2
     assert "search.baseline[0]: got 'dorra'; not a searched variant; searched: lora" in capsys.readouterr().err
+
+
+def test_a_size_constraint_judges_the_stored_adapter_before_training(tmp_path, tiny_bert, sentiment_csv):
+    """Catches: judging ``adapter_bytes`` at attach on what trains rather than on what the export stores. NOLA
+    trains mixture coefficients but stores plain LoRA factors (on the tiny BERT: 4,360 bytes when attached,
+    8,456 exported); a bound between the two let such trials train every step and then break the constraint."""
+    spec = write_spec(tmp_path, model={"id": str(tiny_bert)}, data={"source": str(sentiment_csv)}, search={"variants": ["nola"], "n_trials": 1, "constraints": ["adapter_bytes <= 6000"], "space": {"learning_rate": {"low": 5e-3, "high": 2e-2}}})
+    assert main(["search", str(spec)]) == 1
+    [trial] = study_of(tmp_path / "run").trials
+    assert trial.state.name == "PRUNED" and trial.user_attrs["steps"] == 0
+    assert trial.user_attrs["pruned_reason"] == "violates adapter_bytes <= 6000 (it is 8456)"
