@@ -48,20 +48,20 @@ HIDDEN_FIELDS = (
     "bias", "*_bias", "fan_in_fan_out", "megatron_*", "save_*", "progressbar", "runtime_*", "target_parameters",
     "ensure_weight_tying", "use_qalora", "qalora_group_size", "use_effective_conv2d", "inference_mode",
 )
-# Methods that need inputs autopeft's training does not give the model.
-NEEDS_INPUTS = {"poly": "it routes each example by a task id passed to forward, which a single-task search does not have"}
+# Methods nothing in their config class shows autopeft cannot offer, by PEFT type name in lower case.
+KNOWN_UNAVAILABLE = {
+    # the layers they tune are not the transformer blocks' linear layers
+    "ln_tuning": "tunes LayerNorm modules, not the linear layers autopeft places adapters on",
+    "trainable_tokens": "trains rows of the embedding matrix for given token ids, not linear layers",
+    # inputs autopeft's training does not give the model
+    "poly": "it routes each example by a task id passed to forward, which a single-task search does not have",
+    # a hand-written variant runs it: its config needs what only a trial knows
+    "adalora": "its rank schedule is counted in a trial's steps: use the adalora variant",
+}
 # Methods whose PEFT implementation fails on BERT- and Llama-style models, up to the PEFT version checked: a later
 # release is offered again (and the bridge's conformance test says whether it works).
 BROKEN_UP_TO = {
     "shadow": ("0.21.2", "PEFT's implementation fails in forward on BERT and Llama models ('ShadowCarrier' object has no attribute 'view')"),
-}
-# Methods a hand-written variant runs, because their config needs what only a trial knows.
-HAND_WRITTEN = {"adalora": "its rank schedule is counted in a trial's steps: use the adalora variant"}
-# Methods whose layers the transformer blocks' linear layers are not, by PEFT type name: nothing in the config
-# class says which modules a tuner can wrap.
-NOT_FOR_LINEAR_LAYERS = {
-    "ln_tuning": "tunes LayerNorm modules, not the linear layers autopeft places adapters on",
-    "trainable_tokens": "trains rows of the embedding matrix for given token ids, not linear layers",
 }
 
 
@@ -224,12 +224,8 @@ class BridgedVariant(PeftVariant):
 
 def _unavailable_reason(method: str, config_class: type) -> Optional[str]:
     """Why autopeft cannot offer this method, or None when it can."""
-    if method in NOT_FOR_LINEAR_LAYERS:
-        return NOT_FOR_LINEAR_LAYERS[method]
-    if method in HAND_WRITTEN:
-        return HAND_WRITTEN[method]
-    if method in NEEDS_INPUTS:
-        return NEEDS_INPUTS[method]
+    if method in KNOWN_UNAVAILABLE:
+        return KNOWN_UNAVAILABLE[method]
     if method in BROKEN_UP_TO:
         from importlib.metadata import version
 
