@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 import traceback
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ from autopeft.trial import StepListener
 
 if TYPE_CHECKING:
     from autopeft.placement import AdapterSite
+    from autopeft.spec import Spec
     from autopeft.trial import Workbench
 
 RAY_FOLDER = "ray"
@@ -265,9 +267,13 @@ class TrialBoard:
         self.live.stop()
 
     def _table(self) -> Table:
-        table = Table(title=f"{self.finished} of {self.n_trials} trials finished, {len(self.rows)} on Ray", title_justify="left", expand=False)
+        table = Table(title=f"{self.finished} of {self.n_trials} trials finished, {len(self.rows)} on Ray", title_justify="left", expand=True)
         for column in ("trial", "variant", "where", "step", "loss", self.metric):
-            table.add_column(column, justify="right" if column in ("trial", "step", "loss", self.metric) else "left", no_wrap=True)
+            # Only "where" gives way on a narrow terminal: the numbers stay whole.
+            table.add_column(
+                column, justify="left" if column in ("variant", "where") else "right", no_wrap=True, overflow="ellipsis",
+                ratio=1 if column == "where" else None, min_width=8 if column == "where" else None,
+            )
         for number, row in sorted(list(self.rows.items())):
             loss = row.get("loss")
             table.add_row(
@@ -446,7 +452,10 @@ class _RaySearch:
             shown = f"{metrics[driver.spec.metric]:.4f}"
             board.update(number, step=step, metric=shown)
             board.log(f"trial {number} step {step}: validation {driver.spec.metric} {shown}")
-            reason = driver.judge_rung(ticket, step, metrics, float(result["elapsed"]))
+            with warnings.catch_warnings():
+                # A trial run again after its worker died reports its steps again; Optuna keeps the first values.
+                warnings.filterwarnings("ignore", message=".*already reported.*")
+                reason = driver.judge_rung(ticket, step, metrics, float(result["elapsed"]))
         elif kind == "outcome":
             entry.outcome, entry.adapter = result["outcome"], result.get("adapter")
             entry.where["ended"] = result.get("ended")
@@ -622,6 +631,8 @@ def ray_connection(plan: Plan, console: Console) -> Iterator[None]:
         options["include_dashboard"] = False
         console.log("starting Ray on this machine")
     else:
+        if address != "auto":
+            _check_reachable(spec, address)
         console.log(f"joining the Ray cluster at {address}")
     try:
         ray.init(address=address, **options)
@@ -630,9 +641,38 @@ def ray_connection(plan: Plan, console: Console) -> Iterator[None]:
             raise
         raise SpecError(str(spec.path), "ray.address", address, f"no Ray cluster could be joined there ({type(exc).__name__}: {str(exc)[:300]})") from None
     try:
+        _check_resources(spec, console)
         yield
     finally:
         ray.shutdown()
+
+
+def _check_reachable(spec: Spec, address: str) -> None:
+    """Refuse a ``HOST:PORT`` where nothing listens at once (Ray itself would retry for minutes)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as exc:
+        raise SpecError(
+            str(spec.path), "ray.address", address, f"no Ray head node answers there ({exc.strerror or type(exc).__name__}); give the address `ray start --head` printed, or 'auto' on a cluster machine"
+        ) from None
+
+
+def _check_resources(spec: Spec, console: Console) -> None:
+    """Warn when no node of the cluster can ever hold one trial (``ray.resources_per_trial``): Tune then waits,
+    for a node that an autoscaler may add or may never come."""
+    import ray
+
+    wanted = {"CPU": spec.ray.resources_per_trial.cpu, "GPU": spec.ray.resources_per_trial.gpu}
+    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+    if not any(all(have.get(name, 0) >= amount for name, amount in wanted.items() if amount) for have in nodes):
+        largest = ", ".join(f"{have.get('CPU', 0):g} CPU {have.get('GPU', 0):g} GPU" for have in nodes) or "no node"
+        console.print(
+            f"[yellow]warning:[/] no node of the Ray cluster has {wanted['CPU']:g} CPU and {wanted['GPU']:g} GPU for one trial "
+            f"(ray.resources_per_trial); nodes: {largest}. Trials wait until such a node joins."
+        )
 
 
 @contextmanager
