@@ -144,7 +144,7 @@ def print_table(results: list[dict]) -> None:
 
             params = statistics.mean(r["lora_params"] for r in rows)
             modules = statistics.mean(r["modules_with_adapter"] for r in rows)
-            print(f"| {dataset} | {method} | {stat('test_accuracy')} | {stat('validation_accuracy')} | {params:,.0f} | {modules:.0f} |")
+            print(f"| {dataset} | {method} | {stat('test_accuracy')} | {stat('validation_accuracy')} | {params:,.0f} | {modules:g} |")
 
 
 if __name__ == "__main__":
