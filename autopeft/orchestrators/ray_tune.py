@@ -163,7 +163,6 @@ def train_on_worker(config: dict[str, Any], job: dict[str, Any]) -> None:
     import ray
     import torch
 
-    from autopeft.trial import TrialConfig
     for name, value in job["env"].items():
         os.environ.setdefault(name, value)
     # A stopped trial's thread may take a while to restore a large base model; reusing the worker waits for it.
@@ -172,31 +171,57 @@ def train_on_worker(config: dict[str, Any], job: dict[str, Any]) -> None:
     with _WORKBENCH_LOCK:
         torch.set_num_threads(job["threads"])
         try:
-            workbench, fingerprint, loads = _load_workbench(job)
-        except Exception as error:
-            # Nothing about this configuration: the worker cannot run any trial, so the search stops.
-            _TuneReporter(where, {}).send("broken", error=f"{type(error).__name__}: {error}" if not isinstance(error, AutoPeftError) else str(error))
-            return
-        where["loads"] = loads
-        reporter = _TuneReporter(where, fingerprint)
-        try:
-            with tempfile.TemporaryDirectory(prefix="autopeft-trial-") as folder:
-                outcome = workbench.run_trial(TrialConfig.from_json(config["config"]), config["seed"], listener=reporter, save_to=Path(folder) / "adapter")
-                adapter = _read_adapter(Path(folder) / "adapter")
+            _run_reported(config, job, where)
         except _StoppedByTune:
-            # The base model is restored (run_trial's finally). Tune ends a stopped trial's thread with exit code
-            # 0; returning instead would make Tune's wrapper report once more and wait for an answer forever.
+            # Whatever ran is unwound (run_trial's finally restored the base model). Tune ends a stopped trial's
+            # thread with exit code 0; returning instead would make Tune's wrapper report once more and wait for
+            # an answer forever.
             raise SystemExit(0) from None
-        except Exception as error:
-            reason = error.reason if isinstance(error, TrialFailed) else f"{type(error).__name__}: {error}"
-            reporter.send("failed", reason=reason, details=traceback.format_exc(), out_of_space=is_out_of_space(error))
-            return
-        except SystemExit as error:
-            # A variant that calls sys.exit() fails its trial; it does not end the worker.
-            reporter.send("failed", reason=f"the variant called sys.exit({error.code!r})", details="", out_of_space=False)
-            return
-        outcome_fields = {"metrics": outcome.metrics, "costs": outcome.costs, "steps": outcome.steps, "history": outcome.history}
-        reporter.send("outcome", outcome=outcome_fields, adapter=adapter, ended=time.time())
+        finally:
+            _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Give the memory a finished trial freed back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    Tune runs every trial in a new thread, and glibc serves threads from several heaps that keep what was freed in
+    them: without this, a worker grew by about 200 MB per MiniLM trial (1.06 GB after the first trial, 2.1 GB after
+    six; flat at 1.07 GB with it).
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
+def _run_reported(config: dict[str, Any], job: dict[str, Any], where: dict[str, Any]) -> None:
+    """The body of :func:`train_on_worker`: every outcome, failures included, ends as a report."""
+    from autopeft.trial import TrialConfig
+
+    try:
+        workbench, fingerprint, loads = _load_workbench(job)
+    except Exception as error:
+        # Nothing about this configuration: the worker cannot run any trial, so the search stops.
+        _TuneReporter(where, {}).send("broken", error=str(error) if isinstance(error, AutoPeftError) else f"{type(error).__name__}: {error}")
+        return
+    where["loads"] = loads
+    reporter = _TuneReporter(where, fingerprint)
+    try:
+        with tempfile.TemporaryDirectory(prefix="autopeft-trial-") as folder:
+            outcome = workbench.run_trial(TrialConfig.from_json(config["config"]), config["seed"], listener=reporter, save_to=Path(folder) / "adapter")
+            adapter = _read_adapter(Path(folder) / "adapter")
+    except Exception as error:
+        reason = error.reason if isinstance(error, TrialFailed) else f"{type(error).__name__}: {error}"
+        reporter.send("failed", reason=reason, details=traceback.format_exc(), out_of_space=is_out_of_space(error))
+        return
+    except SystemExit as error:
+        # A variant that calls sys.exit() fails its trial; it does not end the worker.
+        reporter.send("failed", reason=f"the variant called sys.exit({error.code!r})", details="", out_of_space=False)
+        return
+    outcome_fields = {"metrics": outcome.metrics, "costs": outcome.costs, "steps": outcome.steps, "history": outcome.history}
+    reporter.send("outcome", outcome=outcome_fields, adapter=adapter, ended=time.time())
 
 
 # ---------------------------------------------------------------------------------------------------------------
