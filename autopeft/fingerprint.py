@@ -25,9 +25,49 @@ if TYPE_CHECKING:
     from autopeft.data import PreparedData
     from autopeft.plan import Plan
     from autopeft.rundir import RunDir
+    from autopeft.spec import Spec
 
+SPEC_KEY = "fingerprint_spec"
 SPACE_KEY = "fingerprint_space"
 DATA_KEY = "fingerprint_data"
+
+
+# Keys that name places on one machine (files, folders, servers): workers on other machines name them otherwise.
+MACHINE_KEYS = (("data", "source"), ("plugins",), ("output",), ("storage",), ("ray",), ("search", "preset"))
+
+
+def spec_fingerprint(spec: Spec) -> dict[str, Any]:
+    """The spec's settings that decide what a trial measures, without paths that differ between machines (the
+    data and the resolved space have fingerprints of their own)."""
+    from autopeft.models import looks_like_local_path
+
+    out = spec.model_dump(mode="json")
+    for path in MACHINE_KEYS:
+        parent = out
+        for key in path[:-1]:
+            parent = parent.get(key, {})
+        parent.pop(path[-1], None)
+    if looks_like_local_path(spec.model.id):
+        out["model"].pop("id", None)
+    return out
+
+
+def check_spec(study: optuna.Study, spec: Spec) -> None:
+    """Record the spec's fingerprint in a new study, or refuse a spec that differs (keys that may change between
+    runs, such as ``n_trials``, excepted): a study shared by workers must be one search."""
+    from autopeft.rundir import _differences
+
+    current = spec_fingerprint(spec)
+    recorded = study.user_attrs.get(SPEC_KEY)
+    if recorded is None:
+        study.set_user_attr(SPEC_KEY, current)
+        return
+    changed = _differences(recorded, current)
+    if changed:
+        raise RunDirError(
+            f"the study was started with a different spec (changed: {', '.join(changed)[:1500]}). "
+            "Joining it would mix incomparable trials: use the same spec, or another study."
+        )
 
 
 def space_fingerprint(plan: Plan) -> dict[str, str]:

@@ -45,10 +45,14 @@ class RunLock:
                 f"{self.run_path} is in use by another autopeft search ({_describe(owner)}). "
                 "Wait for it to finish, stop it, or give this search another output.dir (--output)."
             ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
-        handle.flush()
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
+            handle.flush()
+        except BaseException:
+            handle.close()  # closing releases the flock: a failed acquire holds nothing
+            raise
         self._handle = handle
 
     def release(self) -> None:

@@ -77,7 +77,8 @@ def open_storage(
     except StorageError:
         raise
     except Exception as exc:  # a wrong URL, a missing driver, a server that does not answer
-        raise StorageError(f"cannot open the study storage {redact(url)}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
+        first_line = (str(exc).splitlines() or [""])[0]
+        raise StorageError(f"cannot open the study storage {redact(url)}: {type(exc).__name__}: {first_line[:300]}") from None
 
 
 def _rdb_storage(url: str, kwargs: dict[str, Any]) -> optuna.storages.RDBStorage:

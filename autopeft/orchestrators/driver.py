@@ -8,7 +8,9 @@ exports ``best/`` (and ``pareto/``). Executors only run :meth:`autopeft.trial.Wo
 
 What the driver guarantees:
 
-- **One writer.** The run folder is locked (:mod:`autopeft.runlock`) for as long as the driver is open.
+- **One writer per run folder.** The run folder is locked (:mod:`autopeft.runlock`) for as long as the driver is
+  open. (Workers sharing a study in a database are the exception by design: each is a driver of its own, and the
+  database settles who runs what; see :mod:`autopeft.orchestrators.worker`.)
 - **Nothing repeated.** The sampler is seeded from the spec's seed *and* the study's length, so a resumed or
   extended search continues with new configurations; a sampled configuration that already finished is skipped
   (recorded as a duplicate, not counted, not run).
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from rich.console import Console
 
 from autopeft.errors import OutOfSpace, TrialFailed, is_out_of_space
-from autopeft.fingerprint import check_data, check_space
+from autopeft.fingerprint import check_data, check_space, check_spec
 from autopeft.objectives import constraint_values, describe_values, feasible, objective_values, pareto_front, select_best, size_front, violations
 from autopeft.plan import Plan
 from autopeft.progress import describe_params
@@ -187,19 +189,26 @@ class Driver:
         self.opened = time.monotonic()
         self.data_checked = False
         self.duplicates_in_a_row = 0
+        self.on_ask: Callable[[int], None] | None = None
+        """Called with each new trial's id as soon as it is asked (workers record a first heartbeat there)."""
 
     # -- opening and closing -----------------------------------------------------------------------------------
 
     def __enter__(self) -> Driver:
-        if self.lock is not None:
-            self.lock.acquire()
         try:
+            if self.lock is not None:
+                self.lock.acquire()
             self.run_dir.start(self.spec)
             self.study = self._open_study()
+            check_spec(self.study, self.spec)
             check_space(self.study, self.plan)
+            # Read by `autopeft status` and the report; written once the study is known to be this spec's.
+            self.study.set_user_attr("objectives", [{"name": n, "direction": d} for n, d in self.spec.objectives()])
             self._queue_work()
-        except BaseException:
+        except BaseException as error:
             self._release()
+            if not isinstance(error, OutOfSpace) and is_out_of_space(error):
+                raise OutOfSpace(self.run_dir.path, error) from error
             raise
         self.opened = time.monotonic()
         return self
@@ -245,7 +254,6 @@ class Driver:
         if self.shared_storage is not None:
             offset += zlib.crc32(f"{WORKER['host']}:{os.getpid()}".encode())
         study.sampler = make_sampler(self.spec, offset=offset, constant_liar=self.constant_liar)
-        study.set_user_attr("objectives", [{"name": name, "direction": direction} for name, direction in objectives])
         return study
 
     def _queue_work(self) -> None:
@@ -272,7 +280,7 @@ class Driver:
                 params = defaults(variant, space)
                 if len(self.plan.spaces) > 1:
                     params["variant"] = variant
-                study.enqueue_trial(params, user_attrs={"baseline": True})
+                study.enqueue_trial(params, user_attrs={"baseline": True}, skip_if_exists=True)
 
     # -- the loop ------------------------------------------------------------------------------------------------
 
@@ -307,6 +315,8 @@ class Driver:
         import optuna
 
         trial = self.study.ask()
+        if self.on_ask is not None:
+            self.on_ask(trial._trial_id)
         try:
             config = sample_config(trial, self.plan, sites)
         except Exception as exc:
@@ -344,7 +354,9 @@ class Driver:
         for other in self.study.get_trials(deepcopy=False):
             if other.number == trial.number or other.params != params or "duplicate_of" in other.user_attrs:
                 continue
-            if other.state == optuna.trial.TrialState.RUNNING or (other.state.is_finished() and not interrupted(other)):
+            # Of two trials running the same configuration at once (workers), the earlier one is the original.
+            running_earlier = other.state == optuna.trial.TrialState.RUNNING and other.number < trial.number
+            if running_earlier or (other.state.is_finished() and not interrupted(other)):
                 return other.number
         return None
 
@@ -440,7 +452,8 @@ class Driver:
         import optuna
 
         spec, study = self.spec, self.study
-        keep = {select_best(study, spec)}
+        # Trials still running (in other workers sharing the output folder) are writing their adapters.
+        keep = {select_best(study, spec)} | {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
         if len(spec.objectives()) > 1:
             keep |= set(pareto_front(study, spec))
         if spec.output.keep == "front":
@@ -453,7 +466,7 @@ class Driver:
         best = select_best(self.study, self.spec)
         if best is None:
             return ""
-        metrics = self.study.trials[best].user_attrs["metrics"]
+        metrics = self.study.get_trials(deepcopy=False)[best].user_attrs["metrics"]
         return f"best: trial {best}, {self.spec.metric} {metrics[self.spec.metric]:.4f}"
 
     # -- the end -----------------------------------------------------------------------------------------------
@@ -486,8 +499,8 @@ class Driver:
             return SearchResult(run_dir, self.finished(), None, front)
         if not export:
             console.print(
-                f"The study's best so far is trial {best}; trials are still running in other workers, and the last "
-                f"worker to stop exports best/. Any time: autopeft export {run_dir.path} --storage URL --trial {best} --out DIR"
+                f"The study's best is trial {best}, which another worker ran: that worker exports best/ into its "
+                f"--output folder. Here: autopeft export {run_dir.path} --storage URL --trial {best} --out DIR"
             )
             return SearchResult(run_dir, self.finished(), best, front)
         self.export(workbench, best, front, workbench_factory)

@@ -102,20 +102,26 @@ def run_one(driver: Driver, workbench: Workbench, progress: SearchProgress, arou
     if ticket.config is None:
         progress.end_trial(ticket.number, ticket.failure, driver.best_text())
         return
+    import optuna
+
     progress.start_trial(ticket.number, ticket.config.variant, ticket.trial.params)
     monitor = TrialMonitor(driver, ticket, progress)
     try:
-        with around_trial(ticket.trial._trial_id):
-            outcome = workbench.run_trial(ticket.config, ticket.seed, listener=monitor, save_to=driver.run_dir.adapter(ticket.number))
-    except KeyboardInterrupt:
-        driver.interrupted(ticket, "stopped with Ctrl-C")
-        raise
-    except Exception as error:
-        line = driver.settle(ticket, error)
-    except SystemExit as error:
-        # A variant that calls sys.exit() fails its trial; it does not end the search.
-        line = driver.failed(ticket, f"the variant called sys.exit({error.code!r})")
-    else:
-        line = driver.complete(ticket, outcome)
+        try:
+            with around_trial(ticket.trial._trial_id):
+                outcome = workbench.run_trial(ticket.config, ticket.seed, listener=monitor, save_to=driver.run_dir.adapter(ticket.number))
+        except KeyboardInterrupt:
+            driver.interrupted(ticket, "stopped with Ctrl-C")
+            raise
+        except Exception as error:
+            line = driver.settle(ticket, error)
+        except SystemExit as error:
+            # A variant that calls sys.exit() fails its trial; it does not end the search.
+            line = driver.failed(ticket, f"the variant called sys.exit({error.code!r})")
+        else:
+            line = driver.complete(ticket, outcome)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        # A shared study: another worker took this trial as dead (its heartbeat was late) and runs it again.
+        line = "[yellow]taken over by another worker[/] (its heartbeat was late); this result is dropped"
     progress.end_trial(ticket.number, line, driver.best_text())
     driver.after_trial()

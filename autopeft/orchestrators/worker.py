@@ -13,8 +13,10 @@ changes with several writers:
 - **Spreading out.** Each worker's sampler has its own seed and uses TPE's constant liar, so running trials push
   the others elsewhere instead of every worker sampling the same point.
 - **Stopping.** A worker stops when the study holds ``n_trials`` finished trials; while the remaining trials are
-  all running elsewhere it waits, so it can take over any of them whose worker dies. The last worker to stop (no
-  trial running anywhere) exports ``best/`` into its output folder, retraining the trial if another machine ran it.
+  all running elsewhere it waits, so it can take over any of them whose worker dies. The worker that ran the best
+  trial exports ``best/`` into its output folder (it has the adapter); the others say how to export it.
+- **Same search.** The spec's settings that decide what trials measure are recorded in the study; a worker whose
+  spec differs is refused, naming the keys (:func:`autopeft.fingerprint.check_spec`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from autopeft.orchestrators.driver import Driver, SearchResult, SpaceExhausted, 
 from autopeft.orchestrators.local import load_workbench, run_one
 from autopeft.plan import Plan
 from autopeft.progress import SearchProgress
-from autopeft.storage import check_shared_url, is_journal, open_storage, redact
+from autopeft.storage import StorageError, check_shared_url, is_journal, open_storage, redact
 
 if TYPE_CHECKING:
     import optuna
@@ -67,8 +69,9 @@ def heartbeat(storage: optuna.storages.BaseStorage, trial_id: int, interval: flo
         thread.join()
 
 
-def reap_dead_trials(study: optuna.Study) -> list[int]:
-    """Fail the running trials whose worker is gone, queueing each configuration again; returns their numbers.
+def reap_dead_trials(study: optuna.Study, stale: list[int]) -> list[int]:
+    """Fail the running trials whose worker is gone, queueing each configuration again; returns their numbers
+    (``stale`` collects those the heartbeat check failed, from the storage's callback).
 
     Stale heartbeats are Optuna's ``fail_stale_trials`` (its callback re-queues); on this host, a running trial
     whose worker pid no longer exists is failed at once. Whichever worker fails a trial first is the only one that
@@ -82,9 +85,9 @@ def reap_dead_trials(study: optuna.Study) -> list[int]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        before = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
-        optuna.storages.fail_stale_trials(study)
-    reaped = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)) if t.number in before]
+        optuna.storages.fail_stale_trials(study)  # its callback appends to ``stale`` what this worker failed
+    reaped = list(stale)
+    stale.clear()
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         owner = trial.user_attrs.get("worker") or {}
         if owner.get("host") != WORKER["host"] or not isinstance(owner.get("pid"), int) or _alive(owner["pid"]):
@@ -118,25 +121,36 @@ def run_worker(
     heartbeat_interval: int = 10,
     grace_period: int = 30,
 ) -> SearchResult:
-    """Join the study at ``storage_url`` and run its trials until it holds ``n_trials`` finished ones."""
+    """Join the study at ``storage_url`` and run its trials until it holds ``n_trials`` finished ones; the worker
+    that ran the best trial exports ``best/``."""
     import optuna
 
     check_shared_url(storage_url)
+    if grace_period <= heartbeat_interval:
+        raise StorageError(f"--grace-period: got {grace_period}; it must be longer than --heartbeat-interval ({heartbeat_interval}), or live trials look dead")
     beats = not is_journal(storage_url)
+    stale: list[int] = []
+
+    def on_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        stale.append(trial.number)
+        requeue_dead(study, trial)
+
     storage = open_storage(
         storage_url,
         heartbeat_interval=heartbeat_interval if beats else None,
         grace_period=grace_period if beats else None,
-        on_stale=requeue_dead,
+        on_stale=on_stale,
     )
     with Driver(plan, console, n_trials, timeout, constant_liar=True, storage=storage, storage_url=storage_url) as driver:
+        if beats:
+            driver.on_ask = storage.record_heartbeat  # a trial beats from the moment it exists
         console.log(f"worker pid {os.getpid()} joined the study at {redact(storage_url)}")
         workbench: Workbench | None = None
         stopped_by_user = False
         with SearchProgress(console, driver.n_trials, driver.finished(), plan.spec.metric) as progress:
             try:
                 while True:
-                    for number in reap_dead_trials(driver.study):
+                    for number in reap_dead_trials(driver.study, stale):
                         console.log(f"trial {number}: its worker died; queued again")
                     if driver.finished() >= driver.n_trials or driver.timed_out():
                         break
@@ -152,10 +166,22 @@ def run_worker(
                 stopped_by_user = True
             except SpaceExhausted as exhausted:
                 console.log(f"stopping: {exhausted}; widen search.space or lower n_trials")
-        others = len(driver.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
         return driver.finish(
             workbench,
             stopped_by_user,
             workbench_factory=lambda: load_workbench(plan, driver, console.log),
-            export=others == 0,
+            export=ran_the_best(driver),
         )
+
+
+def ran_the_best(driver: Driver) -> bool:
+    """Whether this worker ran the trial ``best/`` holds: that one worker exports it (it has the adapter), so
+    workers never retrain it or write the same folder at once."""
+    from autopeft.objectives import select_best
+    from autopeft.orchestrators.driver import WORKER
+
+    best = select_best(driver.study, driver.spec)
+    if best is None:
+        return False
+    owner = driver.study.get_trials(deepcopy=False)[best].user_attrs.get("worker") or {}
+    return owner.get("host") == WORKER["host"] and owner.get("pid") == os.getpid()

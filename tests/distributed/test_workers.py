@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import optuna
-import pytest
 
 from autopeft.cli import main
 from conftest import plain_peft_test_predictions, write_spec
@@ -111,6 +110,8 @@ def test_two_workers_run_at_once_and_split_the_work(tmp_path, tiny_bert, sentime
     check_study(trials, 4)
     pids = {t.user_attrs["worker"]["pid"] for t in trials if t.state.name == "COMPLETE"}
     assert pids == {p.pid for p in workers}
+    # Exactly one worker exports best/: the one that ran the best trial.
+    assert sorted((tmp_path / f"w{i}" / "best").is_dir() for i in range(2)) == [False, True]
     spans = sorted((t.datetime_start, t.datetime_complete) for t in trials if t.state.name == "COMPLETE")
     assert any(a[1] > b[0] for a, b in zip(spans, spans[1:])), "no two trials ran at the same time"
 
@@ -147,3 +148,17 @@ def test_a_worker_refuses_sqlite(tmp_path, classification_spec, capsys):
     err = capsys.readouterr().err
     assert "SQLite cannot be shared by several workers" in err
     assert not (tmp_path / "x.db").exists()
+
+
+def test_a_worker_with_a_different_spec_is_refused(tmp_path, tiny_bert, sentiment_csv, capsys):
+    """Catches: a shared study that does not record its spec (``check_spec``): a worker whose training settings
+    differ would silently add incomparable trials."""
+    storage = f"journal:{tmp_path / 'study.journal'}"
+    first = write_spec(tmp_path, model={"id": str(tiny_bert)}, data={"source": str(sentiment_csv)}, search={"n_trials": 1})
+    assert main(["worker", str(first), "--storage", storage, "--output", str(tmp_path / "a")]) == 0
+    (tmp_path / "b").mkdir()
+    other = write_spec(tmp_path / "b", model={"id": str(tiny_bert)}, data={"source": str(sentiment_csv)}, search={"n_trials": 1}, training={"max_steps": 20})
+    capsys.readouterr()
+    assert main(["worker", str(other), "--storage", storage, "--output", str(tmp_path / "b" / "run")]) == 2
+    assert "changed: training.max_steps" in capsys.readouterr().err
+    assert len(load(storage)) == 1
