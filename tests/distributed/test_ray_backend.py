@@ -259,3 +259,44 @@ def test_the_search_process_killed_mid_search_resumes_with_a_fresh_tuner(tmp_pat
         assert retried[number].state.name == "COMPLETE" and retried[number].params == before[number].params
     assert sum(t.state.name == "COMPLETE" for t in after) == 4
     assert (run_dir / "best" / "adapter_model.safetensors").is_file()
+
+
+def test_ray_settings_are_checked_before_anything_starts(tmp_path, tiny_bert, sentiment_csv, capsys):
+    """Bad ``ray`` settings exit 2 with one line naming the file, key, value and what is allowed; a spec written
+    for the old ``backend: optuna`` still loads as the local backend.
+
+    Catches: the ``optuna`` alias dropped (old specs refused), the Ray Client address check dropped (a ray://
+    search would run Tune's loop on the head node, away from the study), the whole-GPU check dropped, and the
+    reachability check dropped (Ray retries an address where nothing listens for minutes).
+    """
+    import socket
+
+    from autopeft.spec import load_spec
+
+    def spec_with(name: str, **sections) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        return write_spec(folder, model={"id": str(tiny_bert)}, data={"source": str(sentiment_csv)}, **sections)
+
+    assert load_spec(spec_with("old", search={"backend": "optuna"})).search.backend == "local"
+
+    client = spec_with("client", search={"backend": "ray"}, ray={"address": "ray://head:10001"})
+    assert main(["validate", str(client)]) == 2
+    error = capsys.readouterr().err
+    assert f"{client}: ray.address: got 'ray://head:10001'; Ray Client addresses (ray://) are not supported" in error.replace("\n", "")
+
+    gpus = spec_with("gpus", search={"backend": "ray"}, ray={"resources_per_trial": {"gpu": 1.5}})
+    assert main(["validate", str(gpus)]) == 2
+    assert "ray.resources_per_trial.gpu: got 1.5; more than one GPU per trial must be a whole number" in capsys.readouterr().err.replace("\n", "")
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nowhere = spec_with("nowhere", search={"backend": "ray"}, ray={"address": f"127.0.0.1:{port}"})
+    # Its own process, with a deadline: without the check, Ray keeps retrying the address for minutes.
+    result = subprocess.run(
+        [sys.executable, "-m", "autopeft", "search", str(nowhere)], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "400"},
+    )
+    assert result.returncode == 2
+    assert f"ray.address: got '127.0.0.1:{port}'; no Ray head node answers there" in result.stderr
