@@ -361,6 +361,8 @@ class _RaySearch:
         if not driver.wants_more(running=len(self.running)):
             if driver.timed_out():
                 self.board.log(f"timeout of {driver.timeout:.0f}s reached; no new trial is started")
+            elif self.running:
+                return None  # a running trial may still end without a result; then another one starts
             self.done = True
             return Searcher.FINISHED
         try:
@@ -391,8 +393,21 @@ class _RaySearch:
             self.driver.after_trial()
         except Exception as failure:
             self.stop(failure)
+            self._interrupt_if_running(entry, failure)
             line = f"[red]not recorded[/]: {escape(str(failure))[:200]}"
         self.board.end(entry.ticket.number, line, self.driver.best_text() if self.error is None else "")
+
+    def _interrupt_if_running(self, entry: _Running, failure: BaseException) -> None:
+        """A trial whose result could not be recorded (a full disk, say) is kept for a retry: left RUNNING, the
+        next start would count it as a process that died in it."""
+        import optuna
+
+        trial_id = entry.ticket.trial._trial_id
+        try:
+            if self.driver.study._storage.get_trial(trial_id).state == optuna.trial.TrialState.RUNNING:
+                self.driver.interrupted(entry.ticket, f"its result could not be recorded ({type(failure).__name__})")
+        except Exception:
+            pass  # the storage itself is failing: the search stops with ``failure`` either way
 
     def _record(self, entry: _Running, error: bool) -> str:
         driver, ticket = self.driver, entry.ticket
