@@ -235,9 +235,6 @@ class _Running:
 
     ticket: Ticket
     where: dict[str, Any] = field(default_factory=dict)
-    step: int = 0
-    loss: float | None = None
-    shown: str = ""
     stop_reason: str | None = None
     outcome: dict[str, Any] | None = None
     adapter: list[list[str]] | None = None
@@ -247,7 +244,7 @@ class _Running:
 
     def restart(self) -> None:
         """Forget the reports of a run that died: Tune runs the trial again from its start."""
-        self.where, self.step, self.loss, self.shown = {}, 0, None, ""
+        self.where = {}
         self.stop_reason = self.outcome = self.adapter = self.failure = None
 
 
@@ -318,9 +315,10 @@ class TrialBoard:
     def log(self, text: str) -> None:
         self.console.log(text)
 
-    def end(self, number: int, line: str, best: str) -> None:
+    def end(self, number: int, line: str, best: str, finished: int) -> None:
+        """The trial left Tune; ``finished`` is the study's count of finished trials now."""
         self.rows.pop(number, None)
-        self.finished += 1
+        self.finished = finished
         self.console.log(f"trial {number} {line}" + (f" ({best})" if best else ""))
 
 
@@ -377,7 +375,7 @@ class _RaySearch:
         if ticket is None:
             return None  # a configuration already run: skipped, not counted; Tune asks again
         if ticket.config is None:
-            self.board.end(ticket.number, ticket.failure, driver.best_text())
+            self.board.end(ticket.number, ticket.failure, driver.best_text(), driver.finished())
             return None
         self.running[trial_id] = _Running(ticket)
         self.board.start(ticket.number, ticket.config.variant, ticket.trial.params, driver.spec.training.max_steps)
@@ -395,7 +393,8 @@ class _RaySearch:
             self.stop(failure)
             self._interrupt_if_running(entry, failure)
             line = f"[red]not recorded[/]: {escape(str(failure))[:200]}"
-        self.board.end(entry.ticket.number, line, self.driver.best_text() if self.error is None else "")
+        healthy = self.error is None
+        self.board.end(entry.ticket.number, line, self.driver.best_text() if healthy else "", self.driver.finished() if healthy else self.board.finished)
 
     def _interrupt_if_running(self, entry: _Running, failure: BaseException) -> None:
         """A trial whose result could not be recorded (a full disk, say) is kept for a retry: left RUNNING, the
@@ -457,7 +456,7 @@ class _RaySearch:
         for trial_id in list(self.running):
             entry = self.running.pop(trial_id)
             self.driver.interrupted(entry.ticket, why)
-            self.board.end(entry.ticket.number, f"[yellow]interrupted[/] ({why}); it runs again on resume", "")
+            self.board.end(entry.ticket.number, f"[yellow]interrupted[/] ({why}); it runs again on resume", "", self.board.finished)
 
     # -- scheduler ----------------------------------------------------------------------------------------------
 
