@@ -21,6 +21,7 @@ Ray's cost per trial is ``(span of ray 1 - span of local) / trials``; its cost p
 start-up. Goals: two trials at once give at least 1.8x the trials per hour of one; Ray adds under 2 s per trial.
 
     cd benchmarks && python scaling.py --trials 8 --steps 30
+    cd benchmarks && python scaling.py --model tiny --trials 8 --steps 30   # a random 2-layer BERT
     cd benchmarks && python scaling.py --table results/scaling.jsonl    # the table of recorded results
 
 Appends one JSON line per configuration to ``benchmarks/results/scaling.jsonl``.
@@ -52,9 +53,29 @@ GOAL_SPEEDUP = 1.8
 GOAL_RAY_SECONDS_PER_TRIAL = 2.0
 
 
-def spec_dict(backend: str, concurrent: int, trials: int, steps: int, seed: int, out: Path) -> dict:
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def tiny_model(folder: Path) -> Path:
+    """A random 2-layer BERT (hidden 32) with MiniLM's tokenizer, saved to ``folder``: trials that cost almost
+    nothing, so what the backends themselves add per trial shows."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from autopeft.models import base_tokenizer
+
+    if not (folder / "config.json").is_file():
+        tokenizer = base_tokenizer(MINILM)
+        torch.manual_seed(0)
+        config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+        BertModel(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def spec_dict(backend: str, concurrent: int, trials: int, steps: int, seed: int, out: Path, model: str = MINILM) -> dict:
     return {
-        "model": {"id": "sentence-transformers/all-MiniLM-L6-v2"},
+        "model": {"id": model},
         "data": {"source": "rotten-tomatoes", "max_length": 48, "splits": {"train": 2000, "validation": 200, "test": 200, "seed": 0}},
         "search": {
             "variants": ["lora"],
@@ -113,7 +134,7 @@ class WorkerMemory:
         self.thread.join()
 
 
-def run_one(backend: str, concurrent: int, trials: int, steps: int, seed: int, out: Path) -> dict:
+def run_one(backend: str, concurrent: int, trials: int, steps: int, seed: int, out: Path, model: str = MINILM) -> dict:
     """Run one search in this process and measure it (the child side of :func:`measure`)."""
     from rich.console import Console
 
@@ -124,7 +145,7 @@ def run_one(backend: str, concurrent: int, trials: int, steps: int, seed: int, o
         from autopeft.orchestrators.ray_tune import run_search
     else:
         from autopeft.orchestrators.local import run_search
-    spec = parse_spec(spec_dict(backend, concurrent, trials, steps, seed, out), f"benchmark:{backend}:{concurrent}")
+    spec = parse_spec(spec_dict(backend, concurrent, trials, steps, seed, out, model), f"benchmark:{backend}:{concurrent}")
     plan = make_plan(spec)
     console = Console(file=open(os.devnull, "w"), log_path=False)
     started = datetime.now(timezone.utc)
@@ -155,7 +176,7 @@ def trial_times(run_dir: Path) -> list[tuple[float, float, float]]:
     return out
 
 
-def measure(name: str, trials: int, steps: int, seed: int, folder: Path) -> dict:
+def measure(name: str, trials: int, steps: int, seed: int, folder: Path, model: str = MINILM) -> dict:
     """Run configuration ``name`` in child processes and summarise it as one result row."""
     backend, concurrent = CONFIGURATIONS[name]
     processes = 2 if name == "local x2" else 1
@@ -164,7 +185,7 @@ def measure(name: str, trials: int, steps: int, seed: int, folder: Path) -> dict
     children = []
     for index in range(processes):
         out = folder / f"{name.replace(' ', '-')}-{index}"
-        command = [sys.executable, __file__, "--child", backend, str(1 if backend == "local" else concurrent), str(per_process), str(steps), str(seed + index), str(out)]
+        command = [sys.executable, __file__, "--child", backend, str(1 if backend == "local" else concurrent), str(per_process), str(steps), str(seed + index), str(out), model]
         children.append((out, subprocess.Popen(command, stdout=subprocess.PIPE, text=True)))
     reports = []
     for out, child in children:
@@ -177,6 +198,7 @@ def measure(name: str, trials: int, steps: int, seed: int, folder: Path) -> dict
     first_start = min(start for start, _, _ in times)
     span = max(end for _, end, _ in times) - first_start
     return {
+        "model": "tiny" if model != MINILM else "minilm",
         "configuration": name,
         "backend": backend,
         "concurrent": concurrent,
@@ -198,7 +220,12 @@ def measure(name: str, trials: int, steps: int, seed: int, folder: Path) -> dict
 
 
 def table(rows: list[dict]) -> str:
-    """The markdown table of the latest row of each configuration, and the goals against it."""
+    """The markdown tables (one per model) of the latest row of each configuration, and the goals against them."""
+    models = dict.fromkeys(row.get("model", "minilm") for row in rows)
+    return "\n\n".join(f"model: {model}\n\n" + _table([r for r in rows if r.get("model", "minilm") == model]) for model in models)
+
+
+def _table(rows: list[dict]) -> str:
     latest = {row["configuration"]: row for row in rows}
     lines = [
         "| configuration | trials | at once | span s | trials/hour | mean train s | start-up s | search s | search process peak MB | per worker peak MB |",
@@ -235,19 +262,21 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=list(CONFIGURATIONS), help="run only these configurations")
     parser.add_argument("--out", default=str(RESULTS), help="results file to append to")
     parser.add_argument("--table", nargs="*", help="print the table of these results files and exit")
-    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--model", choices=("minilm", "tiny"), default="minilm", help="MiniLM (packaged) or a random 2-layer BERT")
+    parser.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        backend, concurrent, trials, steps, seed, out = args.child
-        print(json.dumps(run_one(backend, int(concurrent), int(trials), int(steps), int(seed), Path(out))))
+        backend, concurrent, trials, steps, seed, out, model = args.child
+        print(json.dumps(run_one(backend, int(concurrent), int(trials), int(steps), int(seed), Path(out), model)))
         return
     if args.table is not None:
         print(table(results_file.read(args.table or [str(RESULTS)])))
         return
     rows = []
     with tempfile.TemporaryDirectory(prefix="autopeft-scaling-") as folder:
+        model = str(tiny_model(Path(folder) / "tiny-bert")) if args.model == "tiny" else MINILM
         for name in args.only or CONFIGURATIONS:
-            row = measure(name, args.trials, args.steps, args.seed, Path(folder))
+            row = measure(name, args.trials, args.steps, args.seed, Path(folder), model)
             results_file.record(row, args.out)
             rows.append(row)
     print(table(rows))
