@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import secrets
 import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Callable
 
 from autopeft import ModelSource, hookimpl
 from autopeft.errors import ModelNotFoundError
+from autopeft.rundir import make_unique_folder
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -60,7 +60,7 @@ def prepared_folder(target: Path, build: Callable[[Path], None]) -> Path:
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    building = _new_folder(target.parent, f".{target.name}.", ".partial")
+    building = make_unique_folder(target.parent, f".{target.name}.partial.")
     try:
         build(building)
         if not (building / "config.json").is_file():
@@ -76,18 +76,6 @@ def prepared_folder(target: Path, build: Callable[[Path], None]) -> Path:
     finally:
         shutil.rmtree(building, ignore_errors=True)  # gone already after a successful rename
     return target
-
-
-def _new_folder(parent: Path, prefix: str, suffix: str) -> Path:
-    """A new empty folder no one else made; unlike ``tempfile.mkdtemp`` it gets the umask's permissions, so the
-    cached model is as readable as any folder the user makes."""
-    while True:
-        folder = parent / f"{prefix}{secrets.token_hex(6)}{suffix}"
-        try:
-            folder.mkdir()
-            return folder
-        except FileExistsError:
-            continue
 
 
 def plain_copy(loaded: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, model_id: str) -> None:

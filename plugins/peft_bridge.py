@@ -22,7 +22,6 @@ import dataclasses
 import enum
 import hashlib
 import json
-import os
 import typing
 import warnings
 from fnmatch import fnmatchcase
@@ -294,10 +293,10 @@ def installed_methods() -> list[dict[str, Any]]:
         pass
     methods = describe_installed()
     try:
+        from autopeft.rundir import atomic_write_text
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        partial.write_text(json.dumps(methods))
-        os.replace(partial, path)  # whole or absent: a concurrent reader never sees half a file
+        atomic_write_text(path, json.dumps(methods))  # whole or absent: a concurrent reader never sees half a file
     except OSError:
         pass  # a read-only cache only costs the next process the PEFT import again
     return methods
