@@ -277,12 +277,10 @@ class RunDir:
                 raise ValueError("it is empty")
             if not text.endswith("\n"):  # autopeft ends it with a newline: a file cut short usually stops mid-line
                 raise ValueError("it stops in the middle of a line")
+            # load_yaml reports YAML problems as SpecError, like the schema's.
             spec = parse_spec(load_yaml(text, str(self.spec_file)), str(self.spec_file))
         except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
             reason = str(exc)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            reason = f"not valid YAML: {getattr(exc, 'problem', None) or exc}" + (f" at line {mark.line + 1}" if mark else "")
         except (SpecError, SpecErrors) as exc:
             errors = exc.errors if isinstance(exc, SpecErrors) else [exc]
             reason = "; ".join(f"{e.key}: {e.allowed}" for e in errors[:3])

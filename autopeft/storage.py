@@ -89,13 +89,14 @@ def _rdb_storage(url: str, kwargs: dict[str, Any]) -> optuna.storages.RDBStorage
     import optuna
     import sqlalchemy.exc
 
-    for attempt in range(5):
+    attempt = 0
+    while True:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(url, **kwargs)
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-            if attempt == 4:
+            attempt += 1
+            if attempt == 5:
                 raise
-            time.sleep(0.5 * (attempt + 1))
-    raise AssertionError("unreachable")
+            time.sleep(0.5 * attempt)

@@ -63,15 +63,6 @@ TINY_PARAMS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: synchronising torch's threads costs more than the arithmetic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_every_installed_peft_method_is_a_variant_or_listed_unavailable():
     """Catches discovery that misses a config class of PEFT's mapping, or a name that is not PeftType lowercased."""
     from peft import PEFT_TYPE_TO_CONFIG_MAPPING

@@ -289,9 +289,7 @@ class Driver:
 
     def wants_more(self, running: int = 0) -> bool:
         """Whether another trial should start (``running`` trials already under way count as finishing)."""
-        if self.timeout is not None and time.monotonic() - self.opened > self.timeout:
-            return False
-        return self.finished() + running < self.n_trials
+        return not self.timed_out() and self.finished() + running < self.n_trials
 
     def timed_out(self) -> bool:
         return self.timeout is not None and time.monotonic() - self.opened > self.timeout
