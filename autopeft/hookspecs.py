@@ -110,6 +110,19 @@ class Variant:
         ``step`` counts from 1. The default does nothing.
         """
 
+    def optimizer(
+        self, model: torch.nn.Module, trainable: list[torch.nn.Parameter], learning_rate: float, weight_decay: float, context: AttachContext
+    ) -> torch.optim.Optimizer | None:
+        """The optimizer that trains this variant, or None for AdamW over ``trainable`` (the default).
+
+        Methods that change the update rule rather than the layer (per-row learning rates, projected gradients,
+        weight perturbation) return their own ``torch.optim.Optimizer`` here. autopeft still drives it: the
+        learning-rate schedule scales every ``param_groups[i]["lr"]`` from ``learning_rate``, gradients are clipped
+        before ``step()``, :meth:`on_step` runs after it and ``zero_grad()`` follows. Evaluation and export see
+        the parameters as they are after ``step()``, so an optimizer that perturbs weights must undo it there.
+        """
+        return None
+
     def regularizer(self, model: torch.nn.Module, step: int, context: AttachContext) -> torch.Tensor | None:
         """An extra loss term added to the task loss at every training step (sparsity, bit or orthogonality
         penalties), or None. Called before ``backward()``; ``step`` counts from 1. The default adds nothing.

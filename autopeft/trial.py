@@ -207,7 +207,9 @@ class Workbench:
             if not trainable:
                 raise TrialFailed(f"variant {config.variant!r} left no parameter to train")
             listener.on_attach(self._attach_costs(variant, model, config))
-            optimizer = torch.optim.AdamW(trainable, lr=params["learning_rate"], weight_decay=training.weight_decay)
+            optimizer = variant.optimizer(model, trainable, params["learning_rate"], training.weight_decay, context)
+            if optimizer is None:
+                optimizer = torch.optim.AdamW(trainable, lr=params["learning_rate"], weight_decay=training.weight_decay)
             schedule = get_linear_schedule_with_warmup(optimizer, int(training.warmup_ratio * training.max_steps), training.max_steps)
             eval_every = training.eval_every or training.max_steps
             history: list[tuple[int, dict[str, float]]] = []
