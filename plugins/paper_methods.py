@@ -11,7 +11,8 @@ import importlib
 
 from autopeft import Variant, hookimpl
 
-METHOD_MODULES: tuple[str, ...] = ()
+METHOD_MODULES: tuple[str, ...] = (
+)
 """Modules under ``autopeft_plugins`` holding one method (or a small family) each."""
 
 
