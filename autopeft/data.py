@@ -9,7 +9,7 @@ import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from autopeft.errors import DataError, SpecError
 from autopeft.registry import Registry
@@ -247,13 +247,21 @@ def prepare(raw: datasets.DatasetDict, tokenizer: PreTrainedTokenizerBase, spec:
         def encode(batch: dict[str, list]) -> dict[str, list]:
             return _encode_causal(batch, tokenizer, spec)
 
-    tokenized = {
-        split: dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc=f"tokenizing {split}")
-        for split, dataset in raw.items()
-    }
-    # Plain lists: trials index rows at random many times, which is much faster than Arrow row access.
+    tokenized = {split: _encode_rows(dataset, encode) for split, dataset in raw.items()}
     texts = [str(t) for t in raw["test"][data.text_column]] if names is not None else None
-    return PreparedData(tokenized["train"].to_list(), tokenized["validation"].to_list(), tokenized["test"].to_list(), names, texts)
+    return PreparedData(tokenized["train"], tokenized["validation"], tokenized["test"], names, texts)
+
+
+def _encode_rows(dataset: datasets.Dataset, encode: Callable[[dict[str, list]], dict[str, list]], chunk: int = 1024) -> list[dict]:
+    """``encode`` applied to ``dataset`` in chunks, as plain rows: trials index rows at random many times, which is
+    much faster on lists than on Arrow, and calling the tokenizer directly skips ``Dataset.map``'s fingerprint
+    hashing of the tokenizer (a second per split on a small model)."""
+    rows: list[dict] = []
+    for start in range(0, len(dataset), chunk):
+        columns = dict(encode(dataset[start : start + chunk]))
+        names = list(columns)
+        rows += [dict(zip(names, values)) for values in zip(*(columns[name] for name in names))]
+    return rows
 
 
 def _encode_causal(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, spec: Spec) -> dict[str, list]:

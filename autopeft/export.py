@@ -133,8 +133,9 @@ def export_adapter(
 ) -> dict[str, Any]:
     """Export the adapter saved in ``adapter_dir`` to ``out_dir`` and return its ``autopeft.json`` content.
 
-    ``record`` describes the trial (``trial``, ``variant``, ``params``, ``trainable_params``, ...). Validation and
-    test scores are measured here on the adapter as loaded by PEFT. ``out_dir`` must pass :func:`check_target`
+    ``record`` describes the trial (``trial``, ``variant``, ``params``, ``trainable_params``, ``validation``: the
+    metrics of the trial's last evaluation, ...). Test scores are measured here on the adapter as loaded by PEFT;
+    the validation split is not evaluated again (the trial evaluated this adapter on it as it finished). ``out_dir`` must pass :func:`check_target`
     (``run_dir`` and ``force`` are passed on); it is built in a hidden sibling and replaced atomically.
     """
     target = check_target(out_dir, run_dir, force)
@@ -170,7 +171,6 @@ def _write_export(workbench: Workbench, adapter_dir: Path, staging: Path, record
     model = PeftModel.from_pretrained(workbench.base_for(base_bits), str(staging))
     try:
         ranks = adapter_ranks(model)
-        validation = workbench.evaluate(model, workbench.data.validation)
         test = workbench.evaluate(model, workbench.data.test)
     finally:
         workbench.put_back(base_bits, detach_peft_model(model))
@@ -183,7 +183,6 @@ def _write_export(workbench: Workbench, adapter_dir: Path, staging: Path, record
         "autopeft_version": package_versions().get("autopeft", ""),
         **record,
         "metric": {"name": spec.metric, "direction": spec.direction},
-        "validation": validation.metrics,
         "test": test.metrics,
         "base_model": {
             "id": spec.model.id,
@@ -240,7 +239,8 @@ def export_trial(
     try:
         if adapter_dir is None:
             adapter_dir = retrain = _sibling(target, "retrain")
-            workbench.run_trial(TrialConfig.from_json(record["config"]), record["seed"], save_to=adapter_dir)
+            outcome = workbench.run_trial(TrialConfig.from_json(record["config"]), record["seed"], save_to=adapter_dir)
+            record["validation"] = outcome.metrics  # what the retrained adapter scored
         return export_adapter(workbench, adapter_dir, out_dir, record, run_dir, force)
     finally:
         if retrain is not None:

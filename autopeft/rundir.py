@@ -464,7 +464,8 @@ def finished_trials(study: optuna.Study) -> int:
 
 
 def trial_record(study: optuna.Study, number: int) -> dict[str, Any]:
-    """What ``autopeft.json`` says about the trial: number, variant, parameters, allocation, costs, seed."""
+    """What ``autopeft.json`` says about the trial: number, variant, parameters, allocation, costs, seed, and the
+    validation metrics of its last evaluation."""
     trial = study.trials[number]
     config = trial.user_attrs["config"]
     return {
@@ -474,6 +475,7 @@ def trial_record(study: optuna.Study, number: int) -> dict[str, Any]:
         "base_bits": config.get("base_bits", 16),
         "trainable_params": trial.user_attrs.get("trainable_params"),
         "costs": trial.user_attrs.get("costs", {}),
+        "validation": trial.user_attrs.get("metrics", {}),
         "seed": trial.user_attrs.get("seed"),
         "config": config,
         "n_trials": finished_trials(study),

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from autopeft.adapters import strip_tuner_layers, verify_ranks
-from autopeft.costs import exported_bytes, measure, peak_memory_mb
+from autopeft.costs import exported_bytes, measure, peak_memory_mb, reported_sizes
 from autopeft.data import PreparedData, batches, load_raw, prepare
 from autopeft.errors import TrialFailed
 from autopeft.hookspecs import AttachContext
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     import torch
 
 PEFT_TASK_TYPES = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
+LOSS_READ_EVERY = 16
+"""On an accelerator, steps between two reads of the training loss (each read waits for the device)."""
 
 
 @dataclass
@@ -215,13 +217,17 @@ class Workbench:
             history: list[tuple[int, dict[str, float]]] = []
             train_batches = self._batches(self.data.train, training.batch_size, seed)
             model.train()
+            # Reading the loss makes the host wait for an accelerator: there it is read every LOSS_READ_EVERY
+            # steps (to show it and to stop on a non-finite value) rather than every step.
+            read_every = 1 if self.device.type == "cpu" else LOSS_READ_EVERY
             for step in range(1, training.max_steps + 1):
                 loss = model(**next(train_batches)).loss
                 penalty = variant.regularizer(model, step, context)
                 if penalty is not None:
                     loss = loss + penalty
-                if not torch.isfinite(loss):
-                    raise TrialFailed(f"the training loss became {loss.item()} at step {step}")
+                read_loss = step % read_every == 0 or step % eval_every == 0 or step == training.max_steps
+                if read_loss and not math.isfinite(loss_value := loss.item()):
+                    raise TrialFailed(f"the training loss became {loss_value} at step {step}")
                 loss.backward()
                 if training.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(trainable, training.max_grad_norm)
@@ -229,7 +235,8 @@ class Workbench:
                 variant.on_step(model, step, context)
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
-                listener.on_step(step, training.max_steps, loss.item())
+                if read_loss:
+                    listener.on_step(step, training.max_steps, loss_value)
                 if step % eval_every == 0 or step == training.max_steps:
                     metrics = self.evaluate(model, self.data.validation).metrics
                     history.append((step, metrics))
@@ -238,13 +245,15 @@ class Workbench:
             model.eval()
             seconds = time.perf_counter() - started
             baked_bits = bake_adapter_bits(model)
-            costs = measure(model, self.sites, baked_bits, config.base_bits, self.dtype)
+            reported = reported_sizes(variant, model)
+            costs = measure(model, self.sites, baked_bits, config.base_bits, self.dtype, reported)
             costs.update(peak_memory_mb=peak_memory_mb(self.device), train_seconds=seconds)
             if save_to is not None:
                 variant.export(model, save_to)
                 write_adapter_bits(baked_bits, save_to)
-                # What is stored may differ from what trained (frozen bases materialised, inits converted).
-                costs["adapter_bytes"] = exported_bytes(save_to, baked_bits)
+                if "adapter_bytes" not in reported:
+                    # What is stored may differ from what trained (frozen bases materialised, inits converted).
+                    costs["adapter_bytes"] = exported_bytes(save_to, baked_bits)
             return TrialOutcome(history[-1][1], costs, training.max_steps, history)
         finally:
             restored = variant.detach(model)
@@ -254,11 +263,13 @@ class Workbench:
     def _attach_costs(self, variant, model: torch.nn.Module, config: TrialConfig) -> dict[str, float]:
         """Costs known before training. When a constraint bounds ``adapter_bytes``, the adapter is exported once
         to a temporary folder and measured there: variants that convert on export (frozen bases materialised as
-        plain LoRA) store more than they train, and a size constraint must judge what will be stored."""
+        plain LoRA) store more than they train, and a size constraint must judge what will be stored. Sizes the
+        variant reports (:meth:`Variant.sizes`) are taken as they are."""
         import tempfile
 
-        costs = measure(model, self.sites, config.bits, config.base_bits, self.dtype)
-        if any(name == "adapter_bytes" for name, _, _ in self.plan.spec.constraints()):
+        reported = reported_sizes(variant, model)
+        costs = measure(model, self.sites, config.bits, config.base_bits, self.dtype, reported)
+        if "adapter_bytes" not in reported and any(name == "adapter_bytes" for name, _, _ in self.plan.spec.constraints()):
             with tempfile.TemporaryDirectory(prefix="autopeft-size-") as folder:
                 variant.export(model, Path(folder))
                 costs["adapter_bytes"] = exported_bytes(Path(folder), config.bits)
