@@ -59,7 +59,7 @@ class SearchProgress(StepListener):
     cut to the space an 80-column terminal leaves, never the bars' numbers.
     """
 
-    def __init__(self, console: Console, n_trials: int, finished: int, metric: str) -> None:
+    def __init__(self, console: Console, n_trials: int | None, finished: int, metric: str) -> None:
         self.console = console
         self.metric = metric
         self.loading = False

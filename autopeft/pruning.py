@@ -24,14 +24,17 @@ if TYPE_CHECKING:
     import optuna
 
 
-def optuna_pruner(pruner: PrunerSpec) -> optuna.pruners.BasePruner:
-    """Optuna's pruner for a single-objective study (a no-op pruner for ``none`` and ``pareto``)."""
+def optuna_pruner(pruner: PrunerSpec, first_rung: int | None = None) -> optuna.pruners.BasePruner:
+    """Optuna's pruner for a single-objective study (a no-op pruner for ``none`` and ``pareto``).
+
+    ``first_rung`` (``training.eval_every``): the step of the first evaluation, where successive halving holds its
+    first rung (Optuna's own guess is a hundredth of the first trial's steps, before any evaluation happens)."""
     import optuna
 
     if pruner.type == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=pruner.startup_trials, n_warmup_steps=pruner.warmup_steps)
     if pruner.type == "successive-halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_early_stopping_rate=0)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first_rung or "auto", min_early_stopping_rate=0)
     if pruner.type == "hyperband":
         return optuna.pruners.HyperbandPruner()
     return optuna.pruners.NopPruner()

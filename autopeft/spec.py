@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal, Optional, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from autopeft.errors import SpecError, SpecErrors, show
 
@@ -24,6 +24,20 @@ METRICS = {
     "causal-lm": {"eval_loss": "minimize", "perplexity": "minimize"},
 }
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)?\s*$")
+_STEPS = re.compile(r"^\s*(\d+)\s*steps?\s*$")
+_DURATION_WITH_UNIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)\s*$")
+
+
+def parse_budget(value: Any) -> tuple[Optional[int], Optional[float]]:
+    """``(steps, seconds)`` of a ``search.budget``: an integer or ``'N steps'`` is steps, ``'30m'`` is time."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, None
+    if isinstance(value, str):
+        if match := _STEPS.match(value):
+            return int(match.group(1)), None
+        if match := _DURATION_WITH_UNIT.match(value):
+            return None, float(match.group(1)) * {"s": 1, "m": 60, "h": 3600}[match.group(2)]
+    raise ValueError("a budget is training steps ('4000 steps' or 4000) or a duration with s, m or h ('30m')")
 NAME_MAX_BYTES = 255
 """Longest file or folder name most file systems accept (a longer one fails with 'File name too long')."""
 PATH_MAX_BYTES = 4096
@@ -152,6 +166,11 @@ class SearchSpec(_Section):
     seed: int = 0
     n_trials: int = Field(20, ge=1)
     timeout: Optional[Union[float, str]] = Field(None, description="stop starting trials after this long: seconds, or '90s', '30m', '2h'")
+    budget: Optional[Union[int, str]] = Field(
+        None,
+        description="what the whole search may spend, instead of a trial count: training steps ('4000 steps') or time ('30m'); "
+        "autopeft then tries as many configurations as fit and stops weak ones early (successive halving)",
+    )
     baseline: Union[bool, list[str]] = Field(
         True, description="run each variant's default configuration first: true, false, or the variants to do it for"
     )
@@ -184,6 +203,26 @@ class SearchSpec(_Section):
     @classmethod
     def _pruner_shorthand(cls, value: Any) -> Any:
         return {"type": value} if isinstance(value, str) else value
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget(cls, value: Any) -> Optional[Union[int, str]]:
+        if value is None:
+            return None
+        steps, seconds = parse_budget(value)
+        if steps is not None and steps < 1 or seconds is not None and not (math.isfinite(seconds) and seconds > 0):
+            raise ValueError("the budget must be a positive number of steps ('4000 steps') or a positive duration ('30m')")
+        return value
+
+    @property
+    def budget_steps(self) -> Optional[int]:
+        """Training steps the whole search may use (``budget: 4000 steps``), or None."""
+        return None if self.budget is None else parse_budget(self.budget)[0]
+
+    @property
+    def budget_seconds(self) -> Optional[float]:
+        """Seconds after which no trial starts (``budget: 30m``), or None."""
+        return None if self.budget is None else parse_budget(self.budget)[1]
 
     @field_validator("timeout")
     @classmethod
@@ -282,6 +321,18 @@ class Spec(_Section):
 
     # Set by load_spec; not part of the YAML.
     _path: Optional[Path] = None
+
+    @model_validator(mode="after")
+    def _spend_budget(self) -> Spec:
+        """A search with a step budget screens configurations by successive halving unless the spec chose a pruner;
+        its rungs are evaluations every quarter of ``max_steps`` unless ``eval_every`` is set."""
+        if self.search.budget is None:
+            return self
+        if "pruner" not in self.search.model_fields_set:
+            self.search.pruner = PrunerSpec(type="successive-halving")
+        if self.training.eval_every is None and self.training.max_steps >= 4:
+            self.training.eval_every = self.training.max_steps // 4
+        return self
 
     @property
     def path(self) -> Optional[Path]:

@@ -21,7 +21,7 @@ Every process runs torch on ``--threads`` threads; pin the whole benchmark to co
 (``taskset -c 0``) and say what else ran. With ``--profile`` the 4-trial search runs under cProfile and the
 functions that took the time outside training are printed.
 
-    cd benchmarks && taskset -c 0 python overhead.py --steps 100 --repeats 3
+    cd benchmarks && taskset -c 0 python overhead.py --steps 100 --search-steps 200 --repeats 3
     cd benchmarks && taskset -c 0 python overhead.py --profile        # where a search's time goes
     cd benchmarks && python overhead.py --table results/overhead.jsonl
 
@@ -288,7 +288,7 @@ def measure(args: argparse.Namespace) -> None:
             )
 
         out = scratch / "four"
-        spec_path = write_spec(out, search_spec(data_dir, MINILM, "q,v", args.steps, 4, args.threads, out / "run"))
+        spec_path = write_spec(out, search_spec(data_dir, MINILM, "q,v", args.search_steps, 4, args.threads, out / "run", eval_every=args.search_steps // 2))
         report = child(["--search", str(spec_path)])
         trials = trials_of(out / "run")
         trained = sum(t["train_seconds"] for t in trials)
@@ -297,6 +297,7 @@ def measure(args: argparse.Namespace) -> None:
                 "measure": "search_over_trials",
                 "targets": "q,v",
                 **common,
+                "steps": args.search_steps,
                 "search_seconds": round(report["process_seconds"], 2),
                 "trial_train_seconds": [round(t["train_seconds"], 2) for t in trials],
                 "overhead_seconds": round(report["process_seconds"] - trained, 2),
@@ -350,6 +351,7 @@ def table(paths: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--search-steps", type=int, default=200, help="steps per trial of the 4-trial search (evaluated every half)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--train", type=int, default=3000)

@@ -75,3 +75,46 @@ def test_a_size_constraint_judges_the_stored_adapter_before_training(tmp_path, t
     [trial] = study_of(tmp_path / "run").trials
     assert trial.state.name == "PRUNED" and trial.user_attrs["steps"] == 0
     assert trial.user_attrs["pruned_reason"] == "violates adapter_bytes <= 6000 (it is 8456)"
+
+
+def test_a_step_budget_is_spent_and_never_exceeded(tmp_path, tiny_bert, sentiment_csv):
+    """Catches: ``search.budget`` ignored by the driver (the search would run all 20 trials, 240 steps), a trial
+    started that could go past the budget, and pruned trials counted as if they had run every step (the search
+    would stop with steps left for another trial)."""
+    spec = write_spec(
+        tmp_path, model={"id": str(tiny_bert)}, data={"source": str(sentiment_csv)},
+        search={"n_trials": 20, "budget": "60 steps", "space": {"learning_rate": {"low": 1e-4, "high": 3e-2, "log": True}, "lora.r": [2, 4, 8]}},
+        training={"max_steps": 12, "eval_every": 3},
+    )
+    assert main(["search", str(spec)]) == 0
+    trials = [t for t in study_of(tmp_path / "run").trials if t.state.is_finished()]
+    used = sum(t.user_attrs.get("steps", 0) for t in trials)
+    assert used <= 60
+    assert used + 12 > 60, f"the search stopped with {60 - used} steps left, enough for another trial"
+    # Successive halving is the default under a budget: weak configurations stop at a rung, so more configurations
+    # fit than 60 // 12 = 5 full trials.
+    assert any(t.state == optuna.trial.TrialState.PRUNED for t in trials)
+    assert len(trials) > 5
+
+
+def test_a_budget_turns_on_successive_halving_with_rungs_at_each_evaluation():
+    """Catches: a budget leaving the pruner off (every configuration would run to the end) or leaving
+    ``eval_every`` unset (no rung to stop a trial at)."""
+    from autopeft.spec import parse_spec
+
+    spec = parse_spec({"model": {"id": "m"}, "data": {"source": "rotten-tomatoes"}, "search": {"budget": "4000 steps"}, "training": {"max_steps": 200}}, "spec.yaml")
+    assert (spec.search.pruner.type, spec.training.eval_every, spec.search.budget_steps) == ("successive-halving", 50, 4000)
+    chosen = parse_spec({"model": {"id": "m"}, "data": {"source": "rotten-tomatoes"}, "search": {"budget": "30m", "pruner": "none"}}, "spec.yaml")
+    assert (chosen.search.pruner.type, chosen.search.budget_seconds) == ("none", 1800.0)
+
+
+@pytest.mark.parametrize("budget", ["lots", "0 steps", -5, "1.5 steps", True])
+def test_a_bad_budget_is_refused_with_what_is_allowed(tmp_path, budget, capsys):
+    """Catches: a budget that is neither steps nor a duration accepted (and then ignored or crashing later)."""
+    spec = tmp_path / "spec.yaml"
+    import yaml
+
+    spec.write_text(yaml.safe_dump({"model": {"id": "m"}, "data": {"source": "rotten-tomatoes"}, "search": {"budget": budget}}))
+    assert main(["validate", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "search.budget" in err and "steps" in err and "Traceback" not in err

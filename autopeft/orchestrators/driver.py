@@ -160,6 +160,10 @@ def requeue_dead(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     )
 
 
+BUDGET_TRIAL_CAP = 10_000
+"""Trials a search with a ``budget`` may start when the spec sets no ``n_trials``."""
+
+
 class Driver:
     """Owns a run's study. Use as a context manager: entering locks the run folder and opens the study."""
 
@@ -179,8 +183,12 @@ class Driver:
         self.plan = plan
         self.spec = plan.spec
         self.console = console
-        self.n_trials = n_trials or self.spec.search.n_trials
-        self.timeout = timeout or self.spec.search.timeout
+        search = self.spec.search
+        self.step_budget = search.budget_steps
+        # With a budget, the trial count is only a cap when the spec sets one.
+        uncapped = search.budget is not None and "n_trials" not in search.model_fields_set
+        self.n_trials = n_trials or (BUDGET_TRIAL_CAP if uncapped else search.n_trials)
+        self.timeout = timeout or min((t for t in (search.timeout, search.budget_seconds) if t is not None), default=None)
         self.constant_liar = constant_liar
         self.shared_storage = storage
         self.run_dir = RunDir(self.spec.run_dir, storage=storage_url)
@@ -244,7 +252,7 @@ class Driver:
         study = optuna.create_study(
             study_name="autopeft",
             storage=self.shared_storage or self.run_dir.storage_url,
-            pruner=optuna_pruner(self.spec.search.pruner) if len(objectives) == 1 else None,
+            pruner=optuna_pruner(self.spec.search.pruner, self.spec.training.eval_every) if len(objectives) == 1 else None,
             directions=[direction for _, direction in objectives],
             load_if_exists=True,
         )
@@ -288,8 +296,32 @@ class Driver:
         return finished_trials(self.study)
 
     def wants_more(self, running: int = 0) -> bool:
-        """Whether another trial should start (``running`` trials already under way count as finishing)."""
-        return not self.timed_out() and self.finished() + running < self.n_trials
+        """Whether another trial should start (``running`` trials already under way count as finishing, and as
+        using all their steps)."""
+        return not self.timed_out() and not self.budget_spent(running) and self.finished() + running < self.n_trials
+
+    @property
+    def trials_to_show(self) -> int | None:
+        """The trial count progress displays show as the total: None when a budget, not a count, ends the search."""
+        return None if self.n_trials == BUDGET_TRIAL_CAP else self.n_trials
+
+    def steps_used(self) -> int:
+        """Training steps the finished trials used (a pruned trial counts the steps it ran)."""
+        return sum(int(t.user_attrs.get("steps") or 0) for t in self.study.get_trials(deepcopy=False) if t.state.is_finished())
+
+    def budget_spent(self, running: int = 0) -> bool:
+        """Whether one more full trial (after ``running`` ones) would go past ``search.budget`` in steps."""
+        if self.step_budget is None:
+            return False
+        return self.steps_used() + (running + 1) * self.spec.training.max_steps > self.step_budget
+
+    def stop_reason(self) -> str:
+        """Why no further trial starts, in words for the log."""
+        if self.timed_out():
+            return f"the time limit of {self.timeout:.0f}s is reached; no new trial is started"
+        if self.budget_spent():
+            return f"the budget of {self.step_budget} steps is spent ({self.steps_used()} used; a trial takes up to {self.spec.training.max_steps})"
+        return f"{self.finished()} of {self.n_trials} trials finished"
 
     def timed_out(self) -> bool:
         return self.timeout is not None and time.monotonic() - self.opened > self.timeout

@@ -76,12 +76,13 @@ def run_search(plan: Plan, console: Console, n_trials: int | None = None, timeou
         stopped_by_user = False
         already = driver.finished()
         if already:
-            console.log(f"resuming {driver.run_dir.path}: {already} of {driver.n_trials} trials already finished")
-        with SearchProgress(console, driver.n_trials, already, plan.spec.metric) as progress:
+            done = f"{already} of {driver.n_trials} trials" if driver.trials_to_show else f"{already} trials ({driver.steps_used()} steps)"
+            console.log(f"resuming {driver.run_dir.path}: {done} already finished")
+        with SearchProgress(console, driver.trials_to_show, already, plan.spec.metric) as progress:
             try:
                 while driver.finished() < driver.n_trials:
-                    if driver.timed_out():
-                        console.log(f"timeout of {driver.timeout:.0f}s reached; no new trial is started")
+                    if not driver.wants_more():
+                        console.log(f"stopping: {driver.stop_reason()}")
                         break
                     if workbench is None:
                         workbench = load_workbench(plan, driver, progress.message)

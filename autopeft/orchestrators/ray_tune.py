@@ -357,10 +357,10 @@ class _RaySearch:
         if self.error is not None or self.done:
             return Searcher.FINISHED
         if not driver.wants_more(running=len(self.running)):
-            if driver.timed_out():
-                self.board.log(f"timeout of {driver.timeout:.0f}s reached; no new trial is started")
+            if driver.timed_out() or driver.budget_spent():
+                self.board.log(f"stopping: {driver.stop_reason()}")
             elif self.running:
-                return None  # a running trial may still end without a result; then another one starts
+                return None  # a running trial may still end without a result (or early); then another one starts
             self.done = True
             return Searcher.FINISHED
         try:

@@ -147,16 +147,16 @@ def run_worker(
         console.log(f"worker pid {os.getpid()} joined the study at {redact(storage_url)}")
         workbench: Workbench | None = None
         stopped_by_user = False
-        with SearchProgress(console, driver.n_trials, driver.finished(), plan.spec.metric) as progress:
+        with SearchProgress(console, driver.trials_to_show, driver.finished(), plan.spec.metric) as progress:
             try:
                 while True:
                     for number in reap_dead_trials(driver.study, stale):
                         console.log(f"trial {number}: its worker died; queued again")
-                    if driver.finished() >= driver.n_trials or driver.timed_out():
+                    if driver.finished() >= driver.n_trials or driver.timed_out() or driver.budget_spent():
                         break
                     running = len(driver.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
                     waiting = len(driver.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
-                    if driver.finished() + running >= driver.n_trials and not waiting:
+                    if not driver.wants_more(running) and not waiting:
                         time.sleep(POLL_SECONDS)  # the rest runs elsewhere; stay to take over a trial whose worker dies
                         continue
                     if workbench is None:
