@@ -29,7 +29,7 @@ import dataclasses
 import math
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -203,6 +203,17 @@ def factor_weights(layer: nn.Module) -> tuple[nn.Parameter, nn.Parameter]:
     """The raw ``A`` (r_max × in) and ``B`` (out × r_max) parameters of a layer, for allocators that rewrite them."""
     b = layer.lora_B[ADAPTER]
     return gate_of(layer).linear.weight, (b.linear.weight if isinstance(b, SlotB) else b.weight)
+
+
+def soft_threshold(values: Iterable[torch.Tensor], threshold: float) -> None:
+    """The proximal step of ``threshold · ‖v‖₁`` on each tensor, in place: ``v ← sign(v)·max(|v| − threshold, 0)``.
+
+    It sets every entry within ``threshold`` of zero exactly to zero, which closes that slot's gate
+    (:meth:`SlotGate.active`).
+    """
+    with torch.no_grad():
+        for value in values:
+            value.copy_(value.sign() * (value.abs() - threshold).clamp_min(0.0))
 
 
 # --------------------------------------------------------------------------------------------------------------
