@@ -12,6 +12,7 @@ import importlib
 from autopeft import Variant, hookimpl
 
 METHOD_MODULES: tuple[str, ...] = (
+    "s2_lora",
     "codyra",
 )
 """Modules under ``autopeft_plugins`` holding one method (or a small family) each."""
