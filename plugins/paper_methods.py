@@ -12,6 +12,7 @@ import importlib
 from autopeft import Variant, hookimpl
 
 METHOD_MODULES: tuple[str, ...] = (
+    "block_lora",
     "s2_lora",
     "codyra",
 )
