@@ -8,20 +8,31 @@
   transformer-block linear, MACs × weight bits × activation bits, plus the adapter's own MACs × adapter bits ×
   activation bits. Base weights count at the base model's bits (4 or 8 when the base is quantized).
 - ``peak_memory_mb``: peak GPU memory allocated (CUDA) or the process's peak resident memory (CPU).
+
+``trainable_params`` and ``adapter_bytes`` are measured on a PEFT model (its parameters, PEFT's state dict, the
+saved ``adapter_model.safetensors``). A variant whose trainable state lives elsewhere reports them itself with
+:meth:`autopeft.hookspecs.Variant.sizes`; what it reports replaces the measurement, at attach time and after
+training alike.
 """
 
 from __future__ import annotations
 
+import math
 import resource
 from typing import TYPE_CHECKING
 
 from autopeft.adapters import adapter_ranks, trainable_parameters
+from autopeft.errors import TrialFailed
 from autopeft.placement import AdapterSite
 
 if TYPE_CHECKING:
     import torch
 
+    from autopeft.hookspecs import Variant
+
 COST_NAMES = ("trainable_params", "adapter_bytes", "bops_per_token", "peak_memory_mb", "train_seconds")
+SIZE_NAMES = ("trainable_params", "adapter_bytes")
+"""The costs a variant may report itself (:meth:`autopeft.hookspecs.Variant.sizes`)."""
 SCALE_BITS = 16
 """Bits of the per-row scale a quantized adapter weight stores next to its payload (symmetric per-row grid)."""
 
@@ -74,11 +85,41 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(model: torch.nn.Module, sites: list[AdapterSite], bits: dict[str, int], base_bits: int, dtype: torch.dtype) -> dict[str, float]:
-    """Every static cost of the attached adapter (peak memory and seconds are added by the trial runner)."""
+def reported_sizes(variant: Variant, model: torch.nn.Module) -> dict[str, float]:
+    """The sizes ``variant`` reports of its adapter on ``model`` (:meth:`~autopeft.hookspecs.Variant.sizes`),
+    checked; ``{}`` when it reports none. A malformed report fails the trial with :class:`TrialFailed` naming the
+    variant, the key and the value, rather than recording a wrong size."""
+    sizes = variant.sizes(model)
+    if sizes is None:
+        return {}
+    if not isinstance(sizes, dict):
+        raise TrialFailed(f"variant {variant.name!r}: sizes() returned {type(sizes).__name__}; return a dict with keys from {list(SIZE_NAMES)}, or None")
+    for key, value in sizes.items():
+        if key not in SIZE_NAMES:
+            raise TrialFailed(f"variant {variant.name!r}: sizes() reported {key!r}; the sizes a variant may report are {list(SIZE_NAMES)}")
+        # bool is an int to Python, but never a size.
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise TrialFailed(f"variant {variant.name!r}: sizes() reported {key}={value!r}; a size is a finite number >= 0")
+    return dict(sizes)
+
+
+def measure(
+    model: torch.nn.Module,
+    sites: list[AdapterSite],
+    bits: dict[str, int],
+    base_bits: int,
+    dtype: torch.dtype,
+    reported: dict[str, float] | None = None,
+) -> dict[str, float]:
+    """Every static cost of the attached adapter (peak memory and seconds are added by the trial runner).
+
+    ``reported`` (from :func:`reported_sizes`) replaces the measurement of the sizes it holds: those are not
+    measured at all, since measuring them assumes a PEFT model the variant may not have built.
+    """
+    reported = reported or {}
     activation_bits = dtype.itemsize * 8
     return {
-        "trainable_params": trainable_parameters(model),
-        "adapter_bytes": adapter_bytes(model, bits),
+        "trainable_params": reported["trainable_params"] if "trainable_params" in reported else trainable_parameters(model),
+        "adapter_bytes": reported["adapter_bytes"] if "adapter_bytes" in reported else adapter_bytes(model, bits),
         "bops_per_token": bops_per_token(model, sites, bits, base_bits if base_bits < 16 else activation_bits, activation_bits),
     }

@@ -138,6 +138,19 @@ class Variant:
         """
         model.save_pretrained(str(out_dir), safe_serialization=True)
 
+    def sizes(self, model: torch.nn.Module) -> dict[str, float] | None:
+        """The adapter's sizes as this variant knows them, or None to let autopeft measure them (the default).
+
+        autopeft measures sizes on a PEFT model: ``trainable_params`` counts the model's parameters that require
+        gradients, ``adapter_bytes`` reads PEFT's state dict at attach time and the exported
+        ``adapter_model.safetensors`` after training. A variant whose trainable state lives elsewhere (a module
+        of its own, a tensor tied across modules, a model that is not a ``PeftModel``) returns
+        ``{"trainable_params": n, "adapter_bytes": b}`` here: what trains (adapter and task head) and what
+        :meth:`export` stores, in bytes. Either key may be left out to keep autopeft's measurement of it. Called
+        on the attached model before training and again after it; objectives and constraints use these numbers.
+        """
+        return None
+
     def detach(self, model: torch.nn.Module) -> torch.nn.Module:
         """Remove the adapter and return the base model exactly as it was before :meth:`attach`.
 
