@@ -15,6 +15,7 @@ METHOD_MODULES: tuple[str, ...] = (
     "block_lora",
     "s2_lora",
     "codyra",
+    "loca",
 )
 """Modules under ``autopeft_plugins`` holding one method (or a small family) each."""
 
