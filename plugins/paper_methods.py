@@ -16,6 +16,7 @@ METHOD_MODULES: tuple[str, ...] = (
     "s2_lora",
     "codyra",
     "loca",
+    "sltrain",
 )
 """Modules under ``autopeft_plugins`` holding one method (or a small family) each."""
 

@@ -20,12 +20,14 @@ from autopeft.placement import adapter_sites, select_sites
 from autopeft.testing import PEFT_TASK_TYPES, check_variant, tiny_batch, tiny_model
 from autopeft.transforms import dct_matrix, exact_lora_factors, hadamard_matrix, layer_delta, lora_layers, random_support, support_mask
 from autopeft_plugins.loca import LoCA
+from autopeft_plugins.sltrain import SLTrain
 
 TASKS = ("sequence-classification", "causal-lm")
 SMALL = {
     "loca": {"n_coefficients": 64, "relocate_every": 1},
+    "sltrain": {"r": 4, "density": 0.05},
 }
-VARIANT_CLASSES = {cls.name: cls for cls in (LoCA,)}
+VARIANT_CLASSES = {cls.name: cls for cls in (LoCA, SLTrain)}
 ADAPTER = "default"
 
 
@@ -170,3 +172,47 @@ def test_loca_coefficients_live_on_their_support_which_moves_only_when_locations
 
     _, fixed, fixed_start = _loca_run(relocate_every=0)
     assert all(torch.equal(module.support, fixed_start[name]) for name, module in fixed.items())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SLTrain
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_sltrain_sparse_support_is_seeded_and_fixed_and_the_export_is_exactly_ba_plus_s(tmp_path):
+    """The sparse part trains only on a support drawn from the trial's seed and never moved; the exported LoRA's
+    B·A equals the trained B·A + S of every module (to float rounding), S being a large part of it.
+
+    Catches: S dropped (or B·A dropped) at export, a support redrawn or moved during training, a support drawn
+    from anything but the trial's seed."""
+    variant = SLTrain()
+    params = params_for(variant, r=4, density=0.05)
+
+    context = context_for(tiny_model())
+
+    def supports(seed):
+        peft_model = variant.attach(tiny_model(), params, context_for(tiny_model(), seed=seed))
+        return peft_model, {name: layer.lora_A[ADAPTER].support.clone() for name, layer in lora_layers(peft_model).items()}
+
+    peft_model, start = supports(0)
+    _, same = supports(0)
+    _, other = supports(1)
+    assert all(torch.equal(start[n], same[n]) for n in start) and not all(torch.equal(start[n], other[n]) for n in start)
+
+    train(variant, peft_model, context, steps=4)
+    updates = {}
+    for name, layer in lora_layers(peft_model).items():
+        module = layer.lora_A[ADAPTER]
+        assert torch.equal(module.support, start[name]), f"{name}: the sparse support moved during training"
+        sparse = module.sparse().detach()
+        out_features, in_features = sparse.shape
+        assert sparse[~support_mask(module.support, out_features, in_features)].abs().max() == 0
+        low_rank = (module.b @ module.a).detach()
+        assert torch.linalg.matrix_norm(sparse) > 0.2 * torch.linalg.matrix_norm(low_rank), f"{name}: S barely trained"
+        updates[name] = (low_rank + sparse) * layer.scaling[ADAPTER]
+
+    variant.export(peft_model, tmp_path)
+    exported = exported_updates(tmp_path)
+    assert set(exported) == set(updates)
+    for name, update in updates.items():
+        assert torch.allclose(exported[name], update, atol=1e-6), f"{name}: the export is not B·A + S"
