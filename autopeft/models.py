@@ -220,6 +220,9 @@ def quantize_base(model: PreTrainedModel, bits: int) -> PreTrainedModel:
         group_size = next(g for g in (64, 32, 16, 8, 4, 2, 1) if site.in_features % g == 0)
         config = BaseQuantizeConfig(nbits=bits, group_size=group_size)
         layer = HQQLinear(linear, quant_config=config, compute_dtype=linear.weight.dtype, device=str(device), del_orig=True)
+        # The weight it was made from (a view of `model`'s, not a copy), for adapters initialised to cancel the
+        # quantization error (QWHA); a plain tensor attribute, so it is neither a parameter nor in the state dict.
+        layer.unquantized_weight = model.get_submodule(site.name).weight.detach()
         setattr(quantized.get_submodule(parent_name), child, layer)
     for parameter in quantized.parameters():
         parameter.requires_grad_(False)

@@ -17,6 +17,7 @@ METHOD_MODULES: tuple[str, ...] = (
     "codyra",
     "loca",
     "sltrain",
+    "qwha",
 )
 """Modules under ``autopeft_plugins`` holding one method (or a small family) each."""
 

@@ -16,18 +16,21 @@ import torch
 from safetensors.torch import load_file
 
 from autopeft import AttachContext
+from autopeft.models import quantize_base
 from autopeft.placement import adapter_sites, select_sites
 from autopeft.testing import PEFT_TASK_TYPES, check_variant, tiny_batch, tiny_model
 from autopeft.transforms import dct_matrix, exact_lora_factors, hadamard_matrix, layer_delta, lora_layers, random_support, support_mask
 from autopeft_plugins.loca import LoCA
+from autopeft_plugins.qwha import QWHA
 from autopeft_plugins.sltrain import SLTrain
 
 TASKS = ("sequence-classification", "causal-lm")
 SMALL = {
     "loca": {"n_coefficients": 64, "relocate_every": 1},
+    "qwha": {"n_coefficients": 64},
     "sltrain": {"r": 4, "density": 0.05},
 }
-VARIANT_CLASSES = {cls.name: cls for cls in (LoCA, SLTrain)}
+VARIANT_CLASSES = {cls.name: cls for cls in (LoCA, SLTrain, QWHA)}
 ADAPTER = "default"
 
 
@@ -172,6 +175,46 @@ def test_loca_coefficients_live_on_their_support_which_moves_only_when_locations
 
     _, fixed, fixed_start = _loca_run(relocate_every=0)
     assert all(torch.equal(module.support, fixed_start[name]) for name, module in fixed.items())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# QWHA
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_qwha_initialisation_cancels_quantization_error_and_starts_at_zero_on_a_full_base(tmp_path):
+    """On a 4-bit HQQ base, QWHA's initial ΔW brings Q + ΔW much closer to the unquantized W than Q alone (zero
+    init); on an unquantized base ΔW starts at exactly zero. It trains on the quantized base and its export, loaded
+    on a fresh quantized base, predicts what the trained model predicts.
+
+    Catches: the error-cancelling initialisation removed (zero or random values: no reduction), its selection
+    made blind to the error (random locations: far smaller reduction), and an init applied on a full base."""
+    base = tiny_model()
+    quantized = quantize_base(base, 4)
+    context = context_for(base)
+    variant = QWHA()
+    weights = {name: base.get_submodule(name).weight.detach().float() for name in context.target_modules}
+    dequantized = {name: quantized.get_submodule(name).dequantize().float() for name in context.target_modules}
+    before = {name: q.clone() for name, q in dequantized.items()}
+    peft_model = variant.attach(quantized, params_for(variant, n_coefficients=256), context)
+    for name, layer in lora_layers(peft_model).items():
+        zero_init = torch.linalg.matrix_norm(weights[name] - dequantized[name])
+        ours = torch.linalg.matrix_norm(weights[name] - (dequantized[name] + layer_delta(layer)))
+        assert ours < 0.75 * zero_init, f"{name}: ‖W − (Q + ΔW)‖ = {ours:.4f} against {zero_init:.4f} at zero init"
+
+    train(variant, peft_model, context, steps=3)
+    expected = logits(peft_model)
+    variant.export(peft_model, tmp_path)
+    restored = variant.detach(peft_model)
+    assert all(torch.equal(restored.get_submodule(n).dequantize(), before[n]) for n in before)
+    from peft import PeftModel
+
+    reloaded = PeftModel.from_pretrained(quantize_base(tiny_model(), 4), str(tmp_path)).eval()
+    assert torch.allclose(logits(reloaded), expected, atol=1e-4)
+
+    full = tiny_model()
+    full_model = variant.attach(full, params_for(variant, n_coefficients=256), context_for(full))
+    assert all(bool((layer_delta(layer) == 0).all()) for layer in lora_layers(full_model).values())
 
 
 # ----------------------------------------------------------------------------------------------------------------
