@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft.tuners.lora import LoraLayer
 from transformers import get_linear_schedule_with_warmup
 
 from autopeft import masked_lora
@@ -114,7 +115,7 @@ def test_block_lora_down_projection_is_one_tensor_shared_by_every_block_and_modu
     the count grows by 7 · r · 32)."""
     variant = BlockLoRA()
     model, _, _, _ = attach(variant, {"r": 4, "blocks": 3}, total_steps=10)
-    layers = {name: layer for name, layer in masked_lora._lora_layers(model)}
+    layers = {name.removeprefix(masked_lora.PREFIX): m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
     assert len(layers) == 8
     with torch.no_grad():
         for layer in layers.values():
