@@ -7,6 +7,7 @@ it defines the variants and the ``autopeft_variants`` hook.
 from __future__ import annotations
 
 import json
+import re
 from functools import partial
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from autopeft.trial import StepListener, TrialConfig, Workbench
 from conftest import write_spec
 
 THIS_PLUGIN = str(Path(__file__).resolve())
+README = Path(__file__).parent.parent / "README.md"
 
 
 def _add_update(tied, index: int, module, args, output):
@@ -231,3 +233,14 @@ def test_a_malformed_size_report_fails_the_trial_saying_what_is_wrong(reported_w
         reported_workbench.run_trial(TrialConfig("reported-lora", {"learning_rate": 1e-2, "target_modules": "q,v"}), seed=0)
     assert "'reported-lora'" in failure.value.reason
     assert all(word in failure.value.reason for word in words), failure.value.reason
+
+
+def test_the_readme_variant_and_its_conformance_test_run_as_printed():
+    """Catches a "Writing a variant" example that no longer runs: an import, a hook or a check_variant argument
+    the contract changed."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)
+    [variant] = [b for b in blocks if "class MyLoRA(Variant)" in b]
+    [check] = [b for b in blocks if "def test_my_lora_conforms" in b]
+    namespace: dict = {}
+    exec(compile(variant + check, "README.md", "exec"), namespace)
+    namespace["test_my_lora_conforms"]()
