@@ -18,6 +18,7 @@ METHOD_MODULES: tuple[str, ...] = (
     "loca",
     "sltrain",
     "qwha",
+    "lq_lora",
 )
 """Modules under ``autopeft_plugins`` holding one method (or a small family) each."""
 

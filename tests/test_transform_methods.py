@@ -21,6 +21,7 @@ from autopeft.placement import adapter_sites, select_sites
 from autopeft.testing import PEFT_TASK_TYPES, check_variant, tiny_batch, tiny_model
 from autopeft.transforms import dct_matrix, exact_lora_factors, hadamard_matrix, layer_delta, lora_layers, random_support, support_mask
 from autopeft_plugins.loca import LoCA
+from autopeft_plugins.lq_lora import LQLoRA, decompose
 from autopeft_plugins.qwha import QWHA
 from autopeft_plugins.sltrain import SLTrain
 
@@ -29,8 +30,9 @@ SMALL = {
     "loca": {"n_coefficients": 64, "relocate_every": 1},
     "qwha": {"n_coefficients": 64},
     "sltrain": {"r": 4, "density": 0.05},
+    "lq-lora": {"r": 4, "bits": 4, "rounds": 2},
 }
-VARIANT_CLASSES = {cls.name: cls for cls in (LoCA, SLTrain, QWHA)}
+VARIANT_CLASSES = {cls.name: cls for cls in (LoCA, QWHA, SLTrain, LQLoRA)}
 ADAPTER = "default"
 
 
@@ -259,3 +261,56 @@ def test_sltrain_sparse_support_is_seeded_and_fixed_and_the_export_is_exactly_ba
     assert set(exported) == set(updates)
     for name, update in updates.items():
         assert torch.allclose(exported[name], update, atol=1e-6), f"{name}: the export is not B·A + S"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LQ-LoRA
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_lq_lora_alternating_rounds_lower_the_reconstruction_error_below_one_round():
+    """More rounds of quantize / SVD leave a smaller ‖W − (Q + L1·L2)‖ than one round, measured here from the
+    returned Q (dequantized) and factors.
+
+    Catches: the alternation cut to one round (the errors are then equal)."""
+    for linear in (tiny_model("causal-lm").model.layers[0].self_attn.q_proj, tiny_model().bert.encoder.layer[1].attention.self.value):
+        weight = linear.weight.detach().float()
+
+        def error(rounds):
+            quantized, b, a, _ = decompose(linear, 4, 3, rounds)
+            return float(torch.linalg.matrix_norm(weight - quantized.dequantize().float() - b.float() @ a.float()))
+
+        assert error(4) < 0.97 * error(1)
+
+
+def test_lq_lora_trains_on_a_quantized_base_from_its_decomposition_and_detach_puts_the_linears_back():
+    """After attach every adapted layer computes from a frozen 4-bit HQQ weight Q (at most 16 levels per
+    quantization group, not W itself) plus LoRA factors starting at the best rank-r fit of W − Q; training leaves
+    Q as it was; detach puts the very same nn.Linear modules back.
+
+    Catches: a base left unquantized (or quantized at other bits), LoRA factors not initialised from the
+    decomposition, and a detach that leaves the HQQ layers in place."""
+    from hqq.core.quantize import HQQLinear
+
+    model = tiny_model()
+    variant = LQLoRA()
+    context = context_for(model)
+    linears = {name: model.get_submodule(name) for name in context.target_modules}
+    peft_model = variant.attach(model, params_for(variant, r=4, bits=4, rounds=2), context)
+    quantized = {}
+    for name, layer in lora_layers(peft_model).items():
+        base = layer.get_base_layer()
+        assert isinstance(base, HQQLinear), f"{name}: the base layer is a {type(base).__name__}, not quantized"
+        q = base.dequantize().float()
+        weight = linears[name].weight.detach().float()
+        assert not torch.allclose(q, weight)
+        groups = q.reshape(-1, base.meta["group_size"])
+        assert max(row.unique().numel() for row in groups) <= 16
+        u, s, vh = torch.linalg.svd(weight - q)
+        assert torch.allclose(layer_delta(layer), (u[:, :4] * s[:4]) @ vh[:4], atol=1e-5)
+        quantized[name] = q
+    train(variant, peft_model, context, steps=2)
+    for name, layer in lora_layers(peft_model).items():
+        assert torch.equal(layer.get_base_layer().dequantize().float(), quantized[name])
+    restored = variant.detach(peft_model)
+    assert all(restored.get_submodule(name) is linear for name, linear in linears.items())
