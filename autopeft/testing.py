@@ -107,7 +107,10 @@ def check_variant(
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable, f"{variant.name}: attach() left no parameter to train"
 
-    optimizer = torch.optim.AdamW(trainable, lr=learning_rate)
+    # The variant's own update rule when it has one, exactly as a trial would train it.
+    optimizer = variant.optimizer(model, trainable, learning_rate, 0.0, context)
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(trainable, lr=learning_rate)
     model.train()
     for step in range(1, steps + 1):
         loss = model(**tiny_batch(task, seed=100 + step)).loss
