@@ -12,6 +12,10 @@ import importlib
 from autopeft import Variant, hookimpl
 
 METHOD_MODULES: tuple[str, ...] = (
+    "svfit",
+    "loldu",
+    "lora_sb",
+    "comp_lora",
     "block_lora",
     "s2_lora",
     "codyra",
