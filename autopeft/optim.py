@@ -176,7 +176,8 @@ class AlternatingProjection(torch.optim.AdamW):
         damping: float = 1e-6,
     ) -> None:
         lora = [p for f in factors for p in (f.a, f.b)]
-        super().__init__(_groups(lora, _split(trainable, factors), alternating=True, second_moment=second_moment, damping=damping, turns=0), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        groups = _groups(lora, _split(trainable, factors), alternating=True, second_moment=second_moment, damping=damping, turns=0)
+        super().__init__(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self.factors = factors
 
     def _lora_group(self) -> dict[str, Any]:

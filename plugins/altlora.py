@@ -12,8 +12,8 @@ the factors' shapes and is carried to the new basis by the same projection whene
 ``second_moment: true`` (the paper's AltLoRA+) also divides by an elementwise second moment; the task head trains
 with plain AdamW. Because each step matches G in full-weight space, the α/r scale drops out: ``lora_alpha = r``.
 
-Simplifies: one factor per step, each on its own batch (the paper may update both on one batch); the Gram
-solves are damped by 1e-4 of their mean eigenvalue; the second moment is not carried between bases.
+Simplifies: one factor per optimizer step, each step on its own batch; the r × r Gram solves are damped by 1e-6
+of their mean eigenvalue; the second moment is not carried between bases.
 
 Export: the trained model is an ordinary PEFT LoRA of rank r with ``lora_alpha = r``, saved as it is (exact).
 """
