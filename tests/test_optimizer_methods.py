@@ -61,7 +61,9 @@ def test_per_module_ranks_from_the_outer_search_are_honoured(variant_class):
 def test_allora_has_no_dropout_and_no_scaling():
     """Catches ALLoRA keeping LoRA's α/r scale or its dropout."""
     model, _, _ = attached(ALLoRA(), {"learning_rate": 1e-3, "target_modules": "q,v", "r": 4, "eta": 1.0})
-    for f in lora_factors(model):
+    factors = lora_factors(model)
+    assert len(factors) == 4  # q and v of two layers
+    for f in factors:
         assert f.scale == 1.0
         assert isinstance(f.layer.lora_dropout["default"], torch.nn.Identity)
 
