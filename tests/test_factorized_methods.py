@@ -314,3 +314,21 @@ def test_factorized_variants_handle_weights_stored_transposed(tmp_path, name):
     reloaded = PeftModel.from_pretrained(gpt2(), tmp_path).eval()
     with torch.no_grad():
         assert torch.allclose(reloaded(input_ids=batch["input_ids"]).logits, trained, atol=1e-4)
+
+
+def test_a_bfloat16_model_is_factorized_in_float32():
+    """On a bfloat16 model, the frozen bases are the float32 factorization of the bfloat16 weights (within
+    float32 rounding), not a factorization at the model's precision, and training and export still match.
+
+    Catches: factorizing at the model's dtype (removing the float32 casts of ``autopeft.factorize``).
+    """
+    variant, r = SVFit(), 4
+    base = tiny_model().to(torch.bfloat16)
+    context = context_for(base)
+    model = variant.attach(base, params_for(variant, r=r), context)
+    for name, layer in _lora_layers(model).items():
+        u, _, _ = torch.linalg.svd(layer.get_base_layer().weight.float(), full_matrices=False)
+        frozen = layer.lora_B["default"].weight
+        assert frozen.dtype == torch.float32
+        assert torch.allclose((u[:, :r].T @ frozen).abs(), torch.eye(r), atol=1e-5), name
+    variant.detach(model)
