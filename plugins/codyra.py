@@ -17,7 +17,7 @@ into ``B`` (:func:`autopeft.masked_lora.finalize`), so the last evaluation, the 
 all see one plain PEFT LoRA with a ``rank_pattern``. The conversion is exact, and modules left with no open
 slot get no adapter.
 
-How it differs from SoRA (``sora`` in ``plugins/allocators.py``), which also soft-thresholds one gate per slot:
+How it differs from SoRA (``sora`` in ``plugins/allocators/sora.py``), which also soft-thresholds one gate per slot:
 
 - SoRA's gates start from a standard normal draw and are trained by a separate Adam step outside autopeft's
   optimizer. CoDyRA's weights start small (``±10 κ``) and train in the same AdamW step as the factors, with
