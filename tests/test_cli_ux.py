@@ -140,7 +140,9 @@ def test_plugins_prints_a_compact_table_by_default(capsys, monkeypatch):
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert len(lines) < 60, len(lines)
+    rows_shown = sum(1 for line in lines if line.count("│") >= 6)
+    # One line per variant plus a fixed frame; every variant's space would add about ten lines per variant.
+    assert len(lines) < rows_shown + 40, len(lines)
     assert "parameter" not in out and "learning_rate" not in out
     rows = {line.split("│")[1].strip(): [cell.strip() for cell in line.split("│")[2:-1]] for line in lines if line.count("│") >= 6}
     assert rows["lora"] == ["variant", "yes", "native", "built-in"]
