@@ -11,6 +11,9 @@ batch, optimizer and evaluation set. Both run as fresh processes, alternated ``-
 - ``trial / loop``: a trial's wall time (the Optuna trial's start to its completion: sampling, attaching, training,
   evaluation, saving the adapter, storage writes) over the loop's (attaching, training, evaluation). Goal <= 1.02.
 - ``peak memory``: peak resident memory (VmHWM) of the search process over the loop process's. Goal <= 1.10.
+  Both processes also report the memory they held just before training started (model and data loaded), so
+  ``training_memory_ratio`` compares what training itself adds (the trial's peak above that, against the loop's);
+  the rest of the difference is what the processes import (autopeft also loads ``datasets``, Optuna, SQLAlchemy).
 - ``search / trials``: a 4-trial search's whole wall time, as the user waits for it (interpreter start-up, imports,
   model loading, tokenization, storage, report, export of ``best/`` with its test predictions) over the sum of its
   trials' training + evaluation (``train_seconds``). Goal <= 1.03.
@@ -23,6 +26,7 @@ functions that took the time outside training are printed.
 
     cd benchmarks && taskset -c 0 python overhead.py --steps 100 --search-steps 200 --repeats 3
     cd benchmarks && taskset -c 0 python overhead.py --profile        # where a search's time goes
+    cd benchmarks && python overhead.py --only trial --steps 40 --repeats 1   # a trial against the loop only
     cd benchmarks && python overhead.py --table results/overhead.jsonl
 
 Appends one JSON line per measurement to ``benchmarks/results/overhead.jsonl``.
@@ -87,6 +91,7 @@ def hand_loop(data_dir: Path, model_dir: Path, targets: str, steps: int, threads
     collator = DataCollatorWithPadding(tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    before = current_rss_mb()
     started = time.perf_counter()
     model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=TARGETS[targets]))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -115,7 +120,7 @@ def hand_loop(data_dir: Path, model_dir: Path, targets: str, steps: int, threads
             labels = batch.pop("labels")
             correct += int((model(**batch).logits.argmax(-1) == labels).sum())
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "accuracy": correct / len(validation), "peak_rss_mb": peak_rss_mb()}
+    return {"seconds": seconds, "accuracy": correct / len(validation), "peak_rss_mb": peak_rss_mb(), "rss_before_mb": before}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -179,14 +184,18 @@ def run_search_child(spec_path: Path, record_memory: bool, profile: bool) -> dic
     from autopeft.cli import main
 
     after_trial: list[float] = []
-    if record_memory:
-        run_one = local.run_one
+    first_trial: dict[str, float] = {}
+    run_one = local.run_one
 
-        def measured_run_one(*args, **kwargs):
-            run_one(*args, **kwargs)
+    def measured_run_one(*args, **kwargs):
+        if not first_trial:  # the model and data are loaded by now
+            first_trial["rss_before_mb"] = current_rss_mb()
+        run_one(*args, **kwargs)
+        first_trial.setdefault("peak_rss_mb", peak_rss_mb())
+        if record_memory:
             after_trial.append(current_rss_mb())
 
-        local.run_one = measured_run_one
+    local.run_one = measured_run_one
     if profile:
         import cProfile
         import pstats
@@ -202,7 +211,7 @@ def run_search_child(spec_path: Path, record_memory: bool, profile: bool) -> dic
         profiler.disable()
         stats = pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative")
         stats.print_stats(os.environ.get("PROFILE_FILTER", ""), int(os.environ.get("PROFILE_LINES", "45")))
-    return {"peak_rss_mb": peak_rss_mb(), "rss_after_trial_mb": after_trial}
+    return {"peak_rss_mb": peak_rss_mb(), "rss_after_trial_mb": after_trial, "first_trial": first_trial}
 
 
 def child(command: list[str]) -> dict:
@@ -264,11 +273,14 @@ def measure(args: argparse.Namespace) -> None:
                 spec_path = write_spec(out, search_spec(data_dir, MINILM, targets, args.steps, 1, args.threads, out / "run"))
                 report = child(["--search", str(spec_path)])
                 (trial,) = trials_of(out / "run")
-                trials.append({**trial, "peak_rss_mb": report["peak_rss_mb"], "process_seconds": report["process_seconds"]})
+                trials.append({**trial, "peak_rss_mb": report["peak_rss_mb"], "process_seconds": report["process_seconds"], **{f"trial_{k}": v for k, v in report["first_trial"].items()}})
             loop_seconds = statistics.median(r["seconds"] for r in loops)
             trial_seconds = statistics.median(t["wall"] for t in trials)
             loop_memory = statistics.median(r["peak_rss_mb"] for r in loops)
             trial_memory = statistics.median(t["peak_rss_mb"] for t in trials)
+            # What training itself takes: the peak during the trial (the loop) above the memory held before it.
+            loop_training = statistics.median(r["peak_rss_mb"] - r["rss_before_mb"] for r in loops)
+            trial_training = statistics.median(t["trial_peak_rss_mb"] - t["trial_rss_before_mb"] for t in trials)
             results_file.record(
                 {
                     "measure": "trial_over_loop",
@@ -283,9 +295,15 @@ def measure(args: argparse.Namespace) -> None:
                     "loop_peak_rss_mb": [round(r["peak_rss_mb"], 1) for r in loops],
                     "search_peak_rss_mb": [round(t["peak_rss_mb"], 1) for t in trials],
                     "memory_ratio": round(trial_memory / loop_memory, 4),
+                    "loop_rss_before_mb": [round(r["rss_before_mb"], 1) for r in loops],
+                    "trial_rss_before_mb": [round(t["trial_rss_before_mb"], 1) for t in trials],
+                    "trial_peak_during_trial_mb": [round(t["trial_peak_rss_mb"], 1) for t in trials],
+                    "training_memory_ratio": round(trial_training / loop_training, 4),
                 },
                 RESULTS,
             )
+        if args.only == "trial":
+            return
 
         out = scratch / "four"
         spec_path = write_spec(out, search_spec(data_dir, MINILM, "q,v", args.search_steps, 4, args.threads, out / "run", eval_every=args.search_steps // 2))
@@ -358,6 +376,7 @@ def main() -> None:
     parser.add_argument("--validation", type=int, default=300)
     parser.add_argument("--test", type=int, default=200)
     parser.add_argument("--profile", action="store_true", help="run a 4-trial search under cProfile instead")
+    parser.add_argument("--only", choices=["trial"], help="measure only a trial against the loop (time and memory)")
     parser.add_argument("--table", nargs="+", metavar="RESULTS", help="print recorded results")
     parser.add_argument("--loop", nargs=6, help=argparse.SUPPRESS)
     parser.add_argument("--search", help=argparse.SUPPRESS)
