@@ -338,6 +338,13 @@ class AdaLoRA(PeftVariant):
 
     The schedule is given in fractions of the trial's steps so one space suits any training length: no pruning for
     the first ``tinit`` steps, a cubic budget decrease until ``total - tfinal``, a fixed allocation afterwards.
+
+    The singular values E get their own learning rate, ``singular_lr_scale · √out_features`` times the trial's.
+    With P and Q held orthonormal by the penalty, Adam moves each singular value by about the learning rate per
+    step, while a LoRA factor B moves all its ``out × r`` entries by that much, changing ΔW about ``√out`` times
+    faster. At one shared learning rate E stays near its zero start in a short trial, the gradient on P and Q
+    (proportional to E) stays hundreds of times smaller than the penalty's, P and Q never turn towards the task,
+    and the model predicts the majority class (BENCHMARKS.md, allocation section).
     """
 
     name = "adalora"
@@ -356,6 +363,9 @@ class AdaLoRA(PeftVariant):
             "tfinal": FloatParam(0.0, 0.5, default=0.2, help="fraction of the steps trained after the ranks are fixed"),
             "delta_t": FloatParam(0.005, 0.1, default=0.02, log=True, help="fraction of the steps between two budget updates"),
             "orth_reg_weight": CategoricalParam((0.1, 0.5), default=0.5, help="weight of the orthogonality penalty on P and Q"),
+            "singular_lr_scale": CategoricalParam(
+                (1.0, 2.0, 4.0), default=2.0, help="the singular values E learn at singular_lr_scale × √out_features × learning_rate"
+            ),
         }
 
     peft_type = "ADALORA"
@@ -378,7 +388,26 @@ class AdaLoRA(PeftVariant):
     def attach(self, model, params, context):
         peft_model = super().attach(model, params, context)
         peft_model._autopeft_orth_reg_weight = params["orth_reg_weight"]
+        peft_model._autopeft_singular_lr_scale = params["singular_lr_scale"]
         return peft_model
+
+    def optimizer(self, model, trainable, learning_rate, weight_decay, context):
+        """AdamW with each module's singular values E in a group at ``singular_lr_scale · √out_features`` times
+        the learning rate (the schedule scales every group alike); P, Q and the task head at the learning rate."""
+        import torch
+        from peft.tuners.adalora import AdaLoraLayer
+
+        ratios = {
+            id(module.lora_E["default"]): model._autopeft_singular_lr_scale * math.sqrt(module.out_features)
+            for module in model.modules()
+            if isinstance(module, AdaLoraLayer) and "default" in module.lora_E
+        }
+        groups: dict[float, list] = {}
+        for parameter in trainable:
+            groups.setdefault(ratios.get(id(parameter), 1.0), []).append(parameter)
+        return torch.optim.AdamW(
+            [{"params": group, "lr": learning_rate * ratio} for ratio, group in groups.items()], lr=learning_rate, weight_decay=weight_decay
+        )
 
     def regularizer(self, model, step, context):
         """PEFT's orthogonality penalty, mean over factors of ‖PᵀP - I‖_F and ‖QQᵀ - I‖_F, times its weight."""
