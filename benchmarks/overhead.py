@@ -265,7 +265,7 @@ def measure(args: argparse.Namespace) -> None:
         plan = make_plan(parse_spec(search_spec(data_dir, MINILM, "q,v", 1, 1, 1, scratch / "unused"), "benchmark"))
         model_dir = resolve_model(plan.spec.model, plan.registry, Path.cwd()).path
 
-        for targets in ("q,v", "q,k,v,o"):
+        for targets in args.targets:
             loops, trials = [], []
             for repeat in range(args.repeats):
                 loops.append(child(["--loop", str(data_dir), str(model_dir), targets, str(args.steps), str(args.threads), str(repeat)]))
@@ -361,9 +361,12 @@ def table(paths: list[str]) -> None:
     import results_file
 
     for row in results_file.read(paths):
-        goal = GOALS[row["measure"] if row["measure"] != "trial_over_loop" else "trial_over_loop"]
+        goal = GOALS[row["measure"]]
         extra = f"  memory {row['memory_ratio']:.3f} (goal <= {GOALS['peak_memory']})" if "memory_ratio" in row else ""
-        print(f"{row['date']}  {row['measure']:<20} {row.get('targets', ''):<8} ratio {row['ratio']:.3f} (goal <= {goal}){extra}")
+        if "training_memory_ratio" in row:
+            extra += f", training memory {row['training_memory_ratio']:.3f}"
+        cores = ",".join(map(str, row.get("cpus", [])))
+        print(f"{row['date']}  cores {cores:<4} {row['measure']:<20} {row.get('targets', ''):<8} ratio {row['ratio']:.3f} (goal <= {goal}){extra}")
 
 
 def main() -> None:
@@ -377,6 +380,7 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=200)
     parser.add_argument("--profile", action="store_true", help="run a 4-trial search under cProfile instead")
     parser.add_argument("--only", choices=["trial"], help="measure only a trial against the loop (time and memory)")
+    parser.add_argument("--targets", nargs="+", default=["q,v", "q,k,v,o"], choices=list(TARGETS), help="adapter placements to compare")
     parser.add_argument("--table", nargs="+", metavar="RESULTS", help="print recorded results")
     parser.add_argument("--loop", nargs=6, help=argparse.SUPPRESS)
     parser.add_argument("--search", help=argparse.SUPPRESS)
