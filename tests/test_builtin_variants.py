@@ -86,7 +86,7 @@ def test_adalora_prunes_ranks_to_the_target_budget_during_training():
     steps = 10
     context = context_for(base, "q,v", steps=steps)
     adalora = variant("adalora")
-    params = {"init_r": 8, "target_ratio": 0.25, "alpha_ratio": 1.0, "tinit": 0.0, "tfinal": 0.2, "delta_t": 0.1, "orth_reg_weight": 0.5}
+    params = {"init_r": 8, "target_ratio": 0.25, "alpha_ratio": 1.0, "tinit": 0.0, "tfinal": 0.2, "delta_t": 0.1, "orth_reg_weight": 0.5, "singular_lr_scale": 2.0}
     model = adalora.attach(base, params, context)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
 
