@@ -405,6 +405,27 @@ def decode(trial_params: dict[str, Any], spaces: dict[str, dict[str, Param]]) ->
     return variant, params
 
 
+def carry_over(trial_params: dict[str, Any], variant: str, spaces: dict[str, dict[str, Param]]) -> dict[str, Any]:
+    """An earlier trial's stored parameters (of ``variant``) as stored parameters of the current ``spaces``.
+
+    Values the current space cannot take (a parameter it lacks, a value outside its range or choices) are left
+    out, so the sampler draws them; the variant is named only when the current search chooses among several.
+    """
+    _, bare = decode({**trial_params, "variant": variant}, {variant: {}})
+    space = spaces[variant]
+    kept = {name: value for name, value in bare.items() if name in space and _accepts(space[name], value) and _in_range(space[name], value)}
+    params = {qualified_name(variant, name): value for name, value in kept.items()}
+    if len(spaces) > 1:
+        params["variant"] = variant
+    return params
+
+
+def _in_range(param: Param, value: Any) -> bool:
+    if isinstance(param, CategoricalParam):
+        return value in param.choices
+    return param.low <= value <= param.high
+
+
 def defaults(variant: str, space: dict[str, Param]) -> dict[str, Any]:
     """The variant's default configuration as stored trial parameters (for enqueueing a baseline trial)."""
     values: dict[str, Any] = {}

@@ -166,6 +166,9 @@ class SearchSpec(_Section):
     seed: int = 0
     n_trials: int = Field(20, ge=1)
     timeout: Optional[Union[float, str]] = Field(None, description="stop starting trials after this long: seconds, or '90s', '30m', '2h'")
+    warm_start: Optional[PathText] = Field(
+        None, description="an earlier run folder: a fresh search first tries its best configurations (same variants; values outside this space are sampled)"
+    )
     budget: Optional[Union[int, str]] = Field(
         None,
         description="what the whole search may spend, instead of a trial count: training steps ('4000 steps') or time ('30m'); "

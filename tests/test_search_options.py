@@ -118,3 +118,36 @@ def test_a_bad_budget_is_refused_with_what_is_allowed(tmp_path, budget, capsys):
     assert main(["validate", str(spec)]) == 2
     err = capsys.readouterr().err
     assert "search.budget" in err and "steps" in err and "Traceback" not in err
+
+
+def test_warm_start_tries_the_earlier_runs_best_configurations_first(tmp_path, tiny_bert, sentiment_csv):
+    """Catches: ``search.warm_start`` ignored (the new search would start from its baseline and the sampler), the
+    earlier run's trials taken in the wrong order (not best first), and a value outside the new space forced on
+    the sampler instead of being drawn again."""
+    space = {"learning_rate": {"low": 1e-3, "high": 3e-2, "log": True}, "lora.r": [2, 4, 8]}
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    first = write_spec(tmp_path / "first", model={"id": str(tiny_bert)}, data={"source": str(sentiment_csv)}, search={"n_trials": 4, "space": space})
+    assert main(["search", str(first)]) == 0
+    earlier = study_of(tmp_path / "first" / "run")
+    ranked = sorted((t for t in earlier.trials if t.state.name == "COMPLETE"), key=lambda t: -t.value)
+    # The new space fixes dropout at a value no earlier trial had: that value cannot be carried over.
+    changed = {**space, "lora.dropout": 0.123}
+    second = write_spec(
+        tmp_path / "second", model={"id": str(tiny_bert)}, data={"source": str(sentiment_csv)},
+        search={"n_trials": 3, "space": changed, "warm_start": str(tmp_path / "first" / "run"), "baseline": False},
+    )
+    assert main(["search", str(second)]) == 0
+    trials = study_of(tmp_path / "second" / "run").trials
+    for new, old in zip(trials, ranked[:3]):
+        assert {k: new.params[k] for k in ("learning_rate", "lora.r", "target_modules")} == {k: old.params[k] for k in ("learning_rate", "lora.r", "target_modules")}
+        assert new.params["lora.dropout"] == 0.123 and new.user_attrs.get("warm_start")
+    assert len(ranked) >= 3
+
+
+def test_warm_start_from_a_folder_that_is_no_run_is_refused(tmp_path, tiny_bert, sentiment_csv, capsys):
+    """Catches: a missing or mistyped earlier run silently ignored (the user believes the search is warm)."""
+    spec = write_spec(tmp_path, model={"id": str(tiny_bert)}, data={"source": str(sentiment_csv)}, search={"warm_start": str(tmp_path / "nothing")})
+    assert main(["search", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "search.warm_start" in err and "nothing" in err and "Traceback" not in err

@@ -28,6 +28,7 @@ import socket
 import time
 import traceback
 import warnings
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -160,6 +161,29 @@ def requeue_dead(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     )
 
 
+WARM_START_TRIALS = 3
+"""Configurations a fresh search takes from the run named by ``search.warm_start``."""
+
+
+def warm_start_configs(run_path: Path, plan: Plan, spec_path: Path | None) -> list[dict[str, Any]]:
+    """The best complete trials of the earlier run at ``run_path`` whose variant this search has, as stored
+    parameters of this search's space (best first; at most :data:`WARM_START_TRIALS`)."""
+    import optuna
+
+    from autopeft.errors import SpecError
+    from autopeft.space import carry_over
+
+    run = RunDir(run_path)
+    if not (run.path / "study.db").is_file():
+        raise SpecError(str(spec_path), "search.warm_start", str(run_path), "a run folder of an earlier search (its output.dir, holding study.db)")
+    study = optuna.load_study(study_name="autopeft", storage=run.storage_url)
+    directions = study.directions
+    complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if t.user_attrs.get("config", {}).get("variant") in plan.spaces]
+    maximize = directions[0] == optuna.study.StudyDirection.MAXIMIZE
+    complete.sort(key=lambda t: t.values[0], reverse=maximize)
+    return [carry_over(t.params, t.user_attrs["config"]["variant"], plan.spaces) for t in complete[:WARM_START_TRIALS]]
+
+
 BUDGET_TRIAL_CAP = 10_000
 """Trials a search with a ``budget`` may start when the spec sets no ``n_trials``."""
 
@@ -280,6 +304,9 @@ class Driver:
                 elif interrupted(trial) and trial.number not in retried and trial.params:
                     requeue(study, trial)
         # (Shared studies: workers detect dead trials by heartbeat, and re-queue interrupted ones as they stop.)
+        if not trials and self.spec.search.warm_start:
+            for params in warm_start_configs(self.spec.resolve_path(self.spec.search.warm_start), self.plan, self.spec.path):
+                study.enqueue_trial(params, user_attrs={"warm_start": True}, skip_if_exists=True)
         baseline = self.spec.search.baseline
         if not trials and baseline:
             for variant, space in self.plan.spaces.items():
