@@ -327,12 +327,14 @@ class Spec(_Section):
 
     @model_validator(mode="after")
     def _spend_budget(self) -> Spec:
-        """A search with a step budget screens configurations by successive halving unless the spec chose a pruner;
-        its rungs are evaluations every quarter of ``max_steps`` unless ``eval_every`` is set."""
+        """A search with a step budget screens configurations early unless the spec chose a pruner: successive
+        halving with one objective, Pareto pruning with several (Optuna's pruners judge one objective only). Its
+        rungs are evaluations every quarter of ``max_steps`` unless ``eval_every`` is set."""
         if self.search.budget is None:
             return self
         if "pruner" not in self.search.model_fields_set:
-            self.search.pruner = PrunerSpec(type="successive-halving")
+            several = self.search.objectives is not None and len(self.search.objectives) > 1
+            self.search.pruner = PrunerSpec(type="pareto" if several else "successive-halving")
         if self.training.eval_every is None and self.training.max_steps >= 4:
             self.training.eval_every = self.training.max_steps // 4
         return self

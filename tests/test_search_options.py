@@ -98,14 +98,16 @@ def test_a_step_budget_is_spent_and_never_exceeded(tmp_path, tiny_bert, sentimen
 
 
 def test_a_budget_turns_on_successive_halving_with_rungs_at_each_evaluation():
-    """Catches: a budget leaving the pruner off (every configuration would run to the end) or leaving
-    ``eval_every`` unset (no rung to stop a trial at)."""
+    """Catches: a budget leaving the pruner off (every configuration would run to the end), choosing successive
+    halving for several objectives (where it never prunes), or leaving ``eval_every`` unset (no rung)."""
     from autopeft.spec import parse_spec
 
     spec = parse_spec({"model": {"id": "m"}, "data": {"source": "rotten-tomatoes"}, "search": {"budget": "4000 steps"}, "training": {"max_steps": 200}}, "spec.yaml")
     assert (spec.search.pruner.type, spec.training.eval_every, spec.search.budget_steps) == ("successive-halving", 50, 4000)
     chosen = parse_spec({"model": {"id": "m"}, "data": {"source": "rotten-tomatoes"}, "search": {"budget": "30m", "pruner": "none"}}, "spec.yaml")
     assert (chosen.search.pruner.type, chosen.search.budget_seconds) == ("none", 1800.0)
+    several = parse_spec({"model": {"id": "m"}, "data": {"source": "rotten-tomatoes"}, "search": {"budget": 800, "objectives": ["accuracy", "trainable_params"]}}, "spec.yaml")
+    assert several.search.pruner.type == "pareto"  # successive halving cannot judge two objectives
 
 
 @pytest.mark.parametrize("budget", ["lots", "0 steps", -5, "1.5 steps", True])
