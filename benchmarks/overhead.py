@@ -27,6 +27,10 @@ functions that took the time outside training are printed.
     cd benchmarks && taskset -c 0 python overhead.py --steps 100 --search-steps 200 --repeats 3
     cd benchmarks && taskset -c 0 python overhead.py --profile        # where a search's time goes
     cd benchmarks && python overhead.py --only trial --steps 40 --repeats 1   # a trial against the loop only
+    cd benchmarks && taskset -c 0 python overhead.py --only trial --loop-data datasets --steps 40 --repeats 2
+
+``--loop-data datasets`` makes the loop load and tokenize its CSV files with ``datasets`` (``load_dataset`` and
+``Dataset.map``, as Hugging Face's guides do) instead of the standard library alone.
     cd benchmarks && python overhead.py --table results/overhead.jsonl
 
 Appends one JSON line per measurement to ``benchmarks/results/overhead.jsonl``.
@@ -71,23 +75,41 @@ def current_rss_mb() -> float:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def hand_loop(data_dir: Path, model_dir: Path, targets: str, steps: int, threads: int, seed: int) -> dict:
-    """Train LoRA the way a user writes it by hand and time attach + training + evaluation."""
+def hand_loop(data_dir: Path, model_dir: Path, targets: str, steps: int, threads: int, seed: int, loader_kind: str = "csv") -> dict:
+    """Train LoRA the way a user writes it by hand and time attach + training + evaluation.
+
+    ``loader_kind``: ``csv`` reads and tokenizes with the standard library and the tokenizer alone (the leanest
+    process); ``datasets`` loads and tokenizes with ``datasets.load_dataset`` and ``Dataset.map``, as Hugging
+    Face's guides do."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, get_linear_schedule_with_warmup
 
     torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    labels = ["rotten", "fresh"]
 
     def read(split: str) -> list[dict]:
         with open(data_dir / f"{split}.csv", newline="") as handle:
             rows = list(csv.DictReader(handle))
         encoded = tokenizer([row["text"] for row in rows], truncation=True, max_length=MAX_LENGTH)
-        labels = ["rotten", "fresh"]
         return [{"input_ids": ids, "attention_mask": mask, "labels": labels.index(row["label"])} for ids, mask, row in zip(encoded["input_ids"], encoded["attention_mask"], rows)]
 
-    train, validation = read("train"), read("validation")
+    def read_with_datasets() -> tuple:
+        import datasets
+
+        files = {split: str(data_dir / f"{split}.csv") for split in ("train", "validation")}
+        loaded = datasets.load_dataset("csv", data_files=files)
+
+        def encode(batch):
+            encoded = tokenizer(batch["text"], truncation=True, max_length=MAX_LENGTH)
+            encoded["labels"] = [labels.index(name) for name in batch["label"]]
+            return encoded
+
+        tokenized = loaded.map(encode, batched=True, remove_columns=["text", "label"])
+        return tokenized["train"], list(tokenized["validation"])
+
+    train, validation = read_with_datasets() if loader_kind == "datasets" else (read("train"), read("validation"))
     collator = DataCollatorWithPadding(tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
@@ -268,7 +290,7 @@ def measure(args: argparse.Namespace) -> None:
         for targets in args.targets:
             loops, trials = [], []
             for repeat in range(args.repeats):
-                loops.append(child(["--loop", str(data_dir), str(model_dir), targets, str(args.steps), str(args.threads), str(repeat)]))
+                loops.append(child(["--loop", str(data_dir), str(model_dir), targets, str(args.steps), str(args.threads), str(repeat), args.loop_data]))
                 out = scratch / f"one-{targets}-{repeat}"
                 spec_path = write_spec(out, search_spec(data_dir, MINILM, targets, args.steps, 1, args.threads, out / "run"))
                 report = child(["--search", str(spec_path)])
@@ -285,6 +307,7 @@ def measure(args: argparse.Namespace) -> None:
                 {
                     "measure": "trial_over_loop",
                     "targets": targets,
+                    "loop_data": args.loop_data,
                     **common,
                     "loop_seconds": [round(r["seconds"], 2) for r in loops],
                     "trial_seconds": [round(t["wall"], 2) for t in trials],
@@ -366,7 +389,8 @@ def table(paths: list[str]) -> None:
         if "training_memory_ratio" in row:
             extra += f", training memory {row['training_memory_ratio']:.3f}"
         cores = ",".join(map(str, row.get("cpus", [])))
-        print(f"{row['date']}  cores {cores:<4} {row['measure']:<20} {row.get('targets', ''):<8} ratio {row['ratio']:.3f} (goal <= {goal}){extra}")
+        floor = f" loop data {row.get('loop_data', 'csv')}" if row["measure"] == "trial_over_loop" else ""
+        print(f"{row['date']}  cores {cores:<4} {row['measure']:<20} {row.get('targets', ''):<8} ratio {row['ratio']:.3f} (goal <= {goal}){extra}{floor}")
 
 
 def main() -> None:
@@ -382,13 +406,14 @@ def main() -> None:
     parser.add_argument("--only", choices=["trial"], help="measure only a trial against the loop (time and memory)")
     parser.add_argument("--targets", nargs="+", default=["q,v", "q,k,v,o"], choices=list(TARGETS), help="adapter placements to compare")
     parser.add_argument("--table", nargs="+", metavar="RESULTS", help="print recorded results")
-    parser.add_argument("--loop", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--loop", nargs=7, help=argparse.SUPPRESS)
+    parser.add_argument("--loop-data", choices=["csv", "datasets"], default="csv", help="how the hand-written loop loads its data")
     parser.add_argument("--search", help=argparse.SUPPRESS)
     parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.loop:
-        data_dir, model_dir, targets, steps, threads, seed = args.loop
-        print(json.dumps(hand_loop(Path(data_dir), Path(model_dir), targets, int(steps), int(threads), int(seed))))
+        data_dir, model_dir, targets, steps, threads, seed, loader_kind = args.loop
+        print(json.dumps(hand_loop(Path(data_dir), Path(model_dir), targets, int(steps), int(threads), int(seed), loader_kind)))
     elif args.search:
         print(json.dumps(run_search_child(Path(args.search), args.memory, args.profile)))
     elif args.table:
