@@ -413,17 +413,19 @@ def carry_over(trial_params: dict[str, Any], variant: str, spaces: dict[str, dic
     """
     _, bare = decode({**trial_params, "variant": variant}, {variant: {}})
     space = spaces[variant]
-    kept = {name: value for name, value in bare.items() if name in space and _accepts(space[name], value) and _in_range(space[name], value)}
+    kept = {name: value for name, value in bare.items() if name in space and _within(space[name], value)}
     params = {qualified_name(variant, name): value for name, value in kept.items()}
     if len(spaces) > 1:
         params["variant"] = variant
     return params
 
 
-def _in_range(param: Param, value: Any) -> bool:
+def _within(param: Param, value: Any) -> bool:
+    """Whether ``param`` as searched can take ``value``: one of its choices, or a number of its type in
+    ``[low, high]``."""
     if isinstance(param, CategoricalParam):
         return value in param.choices
-    return param.low <= value <= param.high
+    return _accepts(param, value) and param.low <= value <= param.high
 
 
 def defaults(variant: str, space: dict[str, Param]) -> dict[str, Any]:

@@ -257,23 +257,9 @@ def write_spec(folder: Path, spec: dict) -> Path:
     return path
 
 
-def tiny_model(folder: Path) -> Path:
-    """A random 2-layer BERT (hidden 32) with MiniLM's tokenizer: trials that cost almost nothing."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    from autopeft.models import base_tokenizer
-
-    tokenizer = base_tokenizer(MINILM)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def measure(args: argparse.Namespace) -> None:
     import results_file
+    from scaling import tiny_model
 
     from autopeft.models import resolve_model
     from autopeft.plan import make_plan

@@ -43,7 +43,8 @@ def main() -> None:
     args = parser.parse_args()
     import yaml
 
-    from overhead import tiny_model, write_data
+    from overhead import write_data
+    from scaling import tiny_model
 
     with tempfile.TemporaryDirectory(prefix="autopeft-startup-") as scratch:
         scratch = Path(scratch)

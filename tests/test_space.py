@@ -127,3 +127,15 @@ def test_a_condition_on_a_later_parameter_is_reported():
     """Sampling goes in declaration order: a condition on a later parameter would silently never hold."""
     problems = check_space({"a": IntParam(1, 2, default=1, condition={"b": ["x"]}), "b": CategoricalParam(("x",), default="x")})
     assert problems == ["parameter 'a' has a condition on 'b', which is declared after it"]
+
+
+def test_carry_over_keeps_only_values_the_new_space_can_take():
+    """Catches: warm start forcing a value outside the new range (numbers) or choices (categories) on the sampler,
+    a parameter the new space lacks passed through, and the variant left out when the new search chooses one."""
+    from autopeft.space import carry_over
+
+    space = {"learning_rate": FloatParam(1e-3, 1e-2, default=2e-3, log=True), "r": IntParam(2, 16, default=8), "alpha_ratio": CategoricalParam((1.0, 2.0), default=2.0)}
+    earlier = {"learning_rate": 5e-3, "lora.r": 64, "lora.alpha_ratio": 4.0, "lora.dropout": 0.1}
+    assert carry_over(earlier, "lora", {"lora": space}) == {"learning_rate": 5e-3}
+    inside = {"learning_rate": 5e-2, "lora.r": 4, "lora.alpha_ratio": 1.0}
+    assert carry_over(inside, "lora", {"lora": space, "dora": space}) == {"lora.r": 4, "lora.alpha_ratio": 1.0, "variant": "lora"}
