@@ -185,11 +185,18 @@ class RunDir:
         return self.storage is not None or self.study_db.is_file()
 
     def open_storage(self) -> optuna.storages.BaseStorage:
-        """The run's study storage, opened for reading without creating tables or changing a schema."""
+        """The run's study storage, opened for reading without creating tables or changing a schema.
+
+        Optuna's storage stamps the schema version into a database that lacks it, so a reader opening ``study.db``
+        while a starting search is still creating it would write to it and can make that search fail. A
+        ``study.db`` whose schema is not complete yet is refused (:class:`RunDirError`) before Optuna opens it.
+        """
         from autopeft.storage import open_storage
 
         if not self.has_study():
             raise RunDirError(f"{self.path} has no study.db: it is not an autopeft run folder (or give --storage URL for a shared study)")
+        if self.storage is None and not _sqlite_schema_complete(self.study_db):
+            raise RunDirError(f"{self.study_db} is still being created by a search that is starting; try again in a moment")
         return open_storage(self.storage_url, create=False)
 
     @property
@@ -424,6 +431,25 @@ def write_trials_csv(study: optuna.Study, path: Path) -> None:
 # --------------------------------------------------------------------------------------------------------------
 # The study
 # --------------------------------------------------------------------------------------------------------------
+
+# Written last when Optuna creates a database: tables, then the version row, then alembic's stamp.
+SCHEMA_MARKERS = ("version_info", "alembic_version")
+
+
+def _sqlite_schema_complete(path: Path) -> bool:
+    """Whether Optuna has finished creating the SQLite study database at ``path`` (read through a read-only
+    connection, so looking never writes). A database that cannot be read this way (busy, not a database, or a
+    journal left by a killed search that only a writable connection rolls back) counts as complete: Optuna's own
+    opener then waits, recovers or says what is wrong, as it does for any reader."""
+    import contextlib
+    import sqlite3
+    from urllib.parse import quote
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True, timeout=5)) as db:
+            return all(db.execute(f"SELECT EXISTS (SELECT 1 FROM {table})").fetchone()[0] for table in SCHEMA_MARKERS)
+    except sqlite3.DatabaseError as exc:
+        return "no such table" not in str(exc)
 
 
 def open_study(run_dir: RunDir, direction: str, sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:

@@ -17,6 +17,7 @@ import pytest
 from autopeft.cli import main
 from autopeft.errors import RunDirError
 from autopeft.rundir import RunDir
+from autopeft.spec import load_spec
 from conftest import write_spec
 
 FAULTS = Path(__file__).parent / "fault_variants.py"
@@ -38,8 +39,10 @@ def run(*args: str, env: dict | None = None, timeout: float = 180) -> subprocess
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
-def trials(run_dir: Path) -> list[optuna.trial.FrozenTrial]:
-    """The study's trials, read as another process would while a search may be writing (SQLite can be busy)."""
+def trials(run_dir: Path, searching: subprocess.Popen | None = None) -> list[optuna.trial.FrozenTrial]:
+    """The study's trials, read as another process would while a search may be writing (SQLite can be busy).
+    With ``searching`` (the search's process), a search that died before the study could be read is reported
+    with its exit code and output instead of waiting out the deadline."""
     import sqlalchemy
 
     deadline = time.monotonic() + 90
@@ -47,9 +50,13 @@ def trials(run_dir: Path) -> list[optuna.trial.FrozenTrial]:
         try:
             # Opened as `autopeft status` opens it: no table creation, so the reader never takes a write lock.
             return optuna.load_study(study_name="autopeft", storage=RunDir(run_dir).open_storage()).get_trials(deepcopy=False)
-        except (sqlalchemy.exc.OperationalError, KeyError, RunDirError):  # busy, or the study not made yet
+        except (sqlalchemy.exc.OperationalError, KeyError, RunDirError) as exc:  # busy, or the study not made yet
+            if searching is not None and searching.poll() is not None:
+                out, err = searching.communicate()
+                raise AssertionError(f"the search exited {searching.returncode} before its study could be read ({type(exc).__name__}: {exc}); it wrote:\n{out[-2000:]}\n{err[-4000:]}") from None
             if time.monotonic() > deadline:
-                raise AssertionError(f"the study in {run_dir} stayed unreadable") from None
+                state = "still running" if searching is not None else "not watched"
+                raise AssertionError(f"the study in {run_dir} stayed unreadable for 90 s (the search: {state}): {type(exc).__name__}: {exc}") from None
             time.sleep(0.2)
 
 
@@ -119,7 +126,7 @@ def test_kill_minus_nine_then_resume_loses_and_repeats_nothing(tmp_path, tiny_be
     run_dir = tmp_path / "run"
     process = autopeft("search", str(spec), env={"AUTOPEFT_TEST_SLOW_SECONDS": "30"})
     # The baseline (fault none) finishes; the first sampled trial that is slow gets killed while it runs.
-    wait_for(lambda: (run_dir / "study.db").is_file() and any(t.state.name == "RUNNING" and t.params.get("faulty.fault") == "slow" for t in trials(run_dir)) and any(t.state.name == "COMPLETE" for t in trials(run_dir)), what="a slow trial running after a finished one")
+    wait_for(lambda: (run_dir / "study.db").is_file() and any(t.state.name == "RUNNING" and t.params.get("faulty.fault") == "slow" for t in trials(run_dir, process)) and any(t.state.name == "COMPLETE" for t in trials(run_dir, process)), what="a slow trial running after a finished one")
     killed = next(t for t in trials(run_dir) if t.state.name == "RUNNING")
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
@@ -145,7 +152,7 @@ def test_a_second_search_on_a_running_folder_is_refused_and_the_first_finishes(t
     spec = faulty_spec(tmp_path, tiny_bert, sentiment_csv, n_trials=2, space={**TRIAL_SPACE, "faulty.fault": ["slow"]})
     run_dir = tmp_path / "run"
     first = autopeft("search", str(spec), env={"AUTOPEFT_TEST_SLOW_SECONDS": "4"})
-    wait_for(lambda: (run_dir / "study.db").is_file() and any(t.state.name == "RUNNING" for t in trials(run_dir)), what="the first search's trial")
+    wait_for(lambda: (run_dir / "study.db").is_file() and any(t.state.name == "RUNNING" for t in trials(run_dir, first)), what="the first search's trial")
     second = run("search", str(spec))
     assert second.returncode == 2
     assert "in use by another autopeft search" in second.stderr and f"pid {first.pid}" in second.stderr
@@ -351,3 +358,38 @@ def _data(spec_path: Path) -> dict:
     import yaml
 
     return yaml.safe_load(spec_path.read_text())["data"]
+
+
+# -- a reader never writes ------------------------------------------------------------------------------------------
+
+
+def test_a_reader_never_writes_into_a_study_a_starting_search_is_still_creating(tmp_path, tiny_bert, sentiment_csv, capsys):
+    """Catches: removing the schema check in ``RunDir.open_storage``. Optuna's opener stamps the schema version
+    into a database that lacks it, so ``autopeft status`` run while a starting search was creating ``study.db``
+    wrote into it, and the search then failed on ``UNIQUE constraint failed: alembic_version`` (4 starts in 10
+    with a reader polling, measured with Optuna alone). The reader is refused with a clear message instead, writes
+    nothing, and reads the study once it is whole."""
+    import sqlite3
+
+    run_dir = RunDir(tmp_path / "run")
+    run_dir.start(load_spec(write_spec(tmp_path, model={"id": str(tiny_bert)}, data={"source": str(sentiment_csv)})))
+    optuna.create_study(study_name="autopeft", storage=run_dir.storage_url)
+    with sqlite3.connect(run_dir.study_db) as db:  # back to where a starting search is: tables made, not stamped
+        version_row = db.execute("SELECT * FROM version_info").fetchall()
+        stamp = db.execute("SELECT * FROM alembic_version").fetchall()
+        db.execute("DELETE FROM version_info")
+        db.execute("DROP TABLE alembic_version")
+    before = run_dir.study_db.read_bytes()
+
+    with pytest.raises(RunDirError, match="still being created"):
+        run_dir.open_storage()
+    assert main(["status", str(run_dir.path)]) == 2
+    err = capsys.readouterr().err
+    assert "still being created" in err and "Traceback" not in err
+    assert run_dir.study_db.read_bytes() == before
+
+    with sqlite3.connect(run_dir.study_db) as db:  # the search finishes creating it
+        db.executemany("INSERT INTO version_info VALUES (?, ?, ?)", version_row)
+        db.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL PRIMARY KEY)")
+        db.executemany("INSERT INTO alembic_version VALUES (?)", stamp)
+    assert optuna.load_study(study_name="autopeft", storage=run_dir.open_storage()).trials == []
