@@ -49,7 +49,9 @@ increlora 6, bayesian 2, adalora 2, sora 7, diffora 2 configurations, the LoRA b
 high): about 0.4 s of CPU per training step for LoRA and 0.65 s for the masked allocators (Bayesian-LoRA), and
 about 50 s per search for loading, tokenizing and evaluating. A search then takes about 50 + 600 × 0.5 ≈ 350 s,
 one data set and seed about 1.5 hours, the full run about 90 × 350 s ≈ 9 hours. Each row records its ``seconds``
-and ``cpu_seconds``, so a partial run refines the estimate.
+and ``cpu_seconds``, so a partial run refines the estimate. Measured at ``--steps 40 --budget-steps 120`` (the
+run in BENCHMARKS.md, one process per data set, one per core): 126 s per search on average, 1 hour 37 minutes for
+all 90.
 
 Results are appended to ``benchmarks/results/allocation_claims.jsonl`` (``--results``). This replaces the former
 equal-budget run (every allocator once at lr 2e-3, plus an outer per-group rank search): its methods are covered
