@@ -452,16 +452,24 @@ def _sqlite_schema_complete(path: Path) -> bool:
         return "no such table" not in str(exc)
 
 
-def open_study(run_dir: RunDir, direction: str, sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
-    """Create or load the run's study; without a sampler, only load an existing one (for reading)."""
+def read_study(run_dir: RunDir) -> optuna.Study:
+    """Load the run's existing study for reading (:meth:`RunDir.open_storage`); safe while a search writes to it."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=STUDY_NAME, storage=run_dir.open_storage())
+    except KeyError:
+        raise RunDirError(f"{run_dir.storage_url if run_dir.storage else run_dir.study_db} holds no study named {STUDY_NAME!r}") from None
+
+
+def open_study(run_dir: RunDir, direction: str, sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
+    """Create or load the run's study; without a sampler, only load an existing one (:func:`read_study`)."""
+    import optuna
+
     if sampler is None:
-        try:
-            return optuna.load_study(study_name=STUDY_NAME, storage=run_dir.open_storage())
-        except KeyError:
-            raise RunDirError(f"{run_dir.storage_url if run_dir.storage else run_dir.study_db} holds no study named {STUDY_NAME!r}") from None
+        return read_study(run_dir)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna.create_study(
         study_name=STUDY_NAME, storage=run_dir.storage_url, sampler=sampler, direction=direction, load_if_exists=True
     )

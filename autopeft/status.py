@@ -11,8 +11,8 @@ import math
 from collections import Counter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from autopeft.errors import AutoPeftError, RunDirError
-from autopeft.rundir import INTERRUPTED, STUDY_NAME, RunDir, interrupted_reason, trial_state
+from autopeft.errors import AutoPeftError
+from autopeft.rundir import INTERRUPTED, STUDY_NAME, RunDir, interrupted_reason, read_study, trial_state
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -34,17 +34,6 @@ def read_storage(run_dir: RunDir) -> optuna.storages.BaseStorage:
     """The run's study storage, opened without creating tables or touching an existing schema (a reader must
     never write to a database that a running search owns)."""
     return run_dir.open_storage()
-
-
-def read_study(run_dir: RunDir) -> optuna.Study:
-    """Load the run's study for reading; safe while a search is writing to it."""
-    import optuna
-
-    storage = read_storage(run_dir)
-    try:
-        return optuna.load_study(study_name=STUDY_NAME, storage=storage)
-    except KeyError:
-        raise RunDirError(f"{run_dir.storage_url if run_dir.storage else run_dir.study_db} holds no study named {STUDY_NAME!r}") from None
 
 
 def objectives(study: optuna.Study, spec: Spec) -> list[Objective]:

@@ -171,13 +171,13 @@ def warm_start_configs(run_path: Path, plan: Plan, spec_path: Path | None) -> li
     import optuna
 
     from autopeft.errors import SpecError
-    from autopeft.rundir import open_study
+    from autopeft.rundir import read_study
     from autopeft.space import carry_over
 
     run = RunDir(run_path)
     if not run.has_study():
         raise SpecError(str(spec_path), "search.warm_start", str(run_path), "a run folder of an earlier search (its output.dir, holding study.db)")
-    study = open_study(run, "maximize")  # read only: the earlier run is not changed
+    study = read_study(run)  # read only: the earlier run is not changed
     directions = study.directions
     complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if t.user_attrs.get("config", {}).get("variant") in plan.spaces]
     maximize = directions[0] == optuna.study.StudyDirection.MAXIMIZE
