@@ -22,6 +22,7 @@ import dataclasses
 import enum
 import hashlib
 import json
+import math
 import typing
 import warnings
 from fnmatch import fnmatchcase
@@ -76,6 +77,29 @@ def _feedforward_modules(model, context) -> list[str]:
 # Fields whose value follows from the model and autopeft's placement, not from the search.
 DERIVED_FIELDS: dict[str, Callable[[Any, Any], Any]] = {"feedforward_modules": _feedforward_modules}
 
+# Sizes PEFT requires to divide every target layer's input (and output) width, by field name: which widths. The
+# search samples them without knowing the model; the trial rounds the sampled value down to the largest size that
+# fits (PEFT's own advice for C3A: the greatest common divisor of the widths), so a model whose widths are not
+# powers of two (MiniLM's 384) is searched rather than failing every trial.
+DIVISOR_FIELDS: dict[str, tuple[str, ...]] = {"block_size": ("in_features", "out_features"), "boft_block_size": ("in_features",)}
+
+
+def largest_divisor_at_most(number: int, limit: int) -> int:
+    """The largest divisor of ``number`` that is at most ``limit`` (1 when ``limit`` is below 1)."""
+    return max((d for d in range(1, min(number, max(limit, 1)) + 1) if number % d == 0), default=1)
+
+
+def fit_divisor_fields(model, target_modules: list[str], fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` with each :data:`DIVISOR_FIELDS` value rounded down to a size that divides every target layer's
+    widths it must divide; the other fields as they are."""
+    fitted = dict(fields)
+    for name, widths in DIVISOR_FIELDS.items():
+        if isinstance(fitted.get(name), int) and not isinstance(fitted[name], bool) and target_modules:
+            layers = [model.get_submodule(target) for target in target_modules]
+            common = math.gcd(*(int(getattr(layer, width)) for layer in layers for width in widths))
+            fitted[name] = largest_divisor_at_most(common, fitted[name])
+    return fitted
+
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -113,7 +137,7 @@ def _init(default: Any, literals: list) -> Optional[Param]:
 
 # The one table of fields searched: (field name patterns, rule). The first matching rule that yields a parameter wins.
 FIELD_RULES: tuple[tuple[tuple[str, ...], Callable[[Any, list], Optional[Param]]], ...] = (
-    (("r", "rank", "n_frequency", "boft_block_size", "oft_block_size", "num_vectors"), _count),
+    (("r", "rank", "n_frequency", "block_size", "boft_block_size", "oft_block_size", "num_vectors"), _count),
     (("alpha", "*_alpha", "scaling"), _scale),
     (("dropout", "*_dropout"), _dropout),
     (INIT_FIELDS, _init),
@@ -177,6 +201,8 @@ def derive_space(fields: list[dict[str, Any]]) -> dict[str, Param]:
         if default is None:
             continue  # None means "derived by PEFT from other fields"
         searched = next((p for patterns, rule in FIELD_RULES if _matches(name, patterns) and (p := rule(default, field["literals"])) is not None), None)
+        if searched is not None and name in DIVISOR_FIELDS:
+            searched = dataclasses.replace(searched, help=f"{searched.help}; a trial rounds it down to divide the target layers' widths")
         space[name] = searched or CategoricalParam((default,), default=default, help=f"PEFT's default; set it with space: {{<variant>.{name}: value}}")
     return space
 
@@ -210,7 +236,10 @@ class BridgedVariant(PeftVariant):
         return dict(self._space)
 
     def build_config(self, model, params, context):
-        return peft_config(self.peft_type, model, context, **{k: v for k, v in params.items() if k not in SHARED_PARAMS})
+        """The config of the sampled fields, a block size PEFT requires to divide the layers' widths fitted to them
+        (:func:`fit_divisor_fields`; the export's ``adapter_config.json`` holds the size trained)."""
+        fields = {k: v for k, v in params.items() if k not in SHARED_PARAMS}
+        return peft_config(self.peft_type, model, context, **fit_divisor_fields(model, context.target_modules, fields))
 
     def attach(self, model, params, context):
         """PEFT checks shapes and field combinations as it builds the config and wraps the layers: what it rejects

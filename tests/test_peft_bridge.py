@@ -17,6 +17,8 @@ from typing import Literal, Optional
 import optuna
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from autopeft import AttachContext
 from autopeft.cli import main
@@ -54,7 +56,6 @@ EXPECTED_UNAVAILABLE = {
 }
 # PEFT's defaults that do not fit a 32-wide tiny model, and values that do (a real model takes the defaults).
 TINY_PARAMS = {
-    "peft:c3a": {"block_size": 16},
     "peft:miss": {"r": 16},
     "peft:road": {"group_size": 16},
     "peft:shira": {"r": 4},
@@ -186,6 +187,33 @@ def test_a_default_the_model_cannot_take_fails_the_trial_with_peft_reason_and_le
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "name,field,sampled,fitted",
+    [("peft:c3a", "block_size", 256, 32), ("peft:c3a", "block_size", 24, 16), ("peft:boft", "boft_block_size", 5, 4), ("peft:c3a", "block_size", 8, 8)],
+)
+def test_a_block_size_that_does_not_divide_the_layers_is_rounded_down_to_one_that_does(name, field, sampled, fitted):
+    """Catches dropping fit_divisor_fields: C3A's default block size (256) and most sampled BOFT block sizes do not
+    divide MiniLM's 384-wide layers, and every such trial failed. A size that divides is kept as it is; the export
+    holds the size trained (here 32 = gcd of the tiny model's 32 and 64 wide targets)."""
+    model = tiny_model()
+    variant = REGISTRY.variant(name)
+    params = {k: p.default for k, p in variant.search_space().items()} | {field: sampled}
+    config = variant.build_config(model, params, _context(model))
+    assert getattr(config, field) == fitted
+    peft_model = variant.attach(model, params, _context(model))
+    try:
+        assert getattr(peft_model.peft_config["default"], field) == fitted
+    finally:
+        variant.detach(peft_model)
+
+
+@given(number=st.integers(1, 5000), limit=st.integers(-3, 6000))
+def test_largest_divisor_at_most_is_the_largest_divisor_not_above_the_limit(number, limit):
+    divisor = peft_bridge.largest_divisor_at_most(number, limit)
+    assert number % divisor == 0 and (divisor <= limit or divisor == 1)
+    assert not any(number % d == 0 for d in range(divisor + 1, min(number, limit) + 1))
 
 
 @pytest.mark.parametrize("name,field", [("peft:vera", "projection_prng_key"), ("peft:fourierft", "random_loc_seed"), ("vera", "projection_prng_key"), ("fourierft", "random_loc_seed")])
