@@ -17,36 +17,23 @@ Export: the trained model is an ordinary PEFT LoRA of rank r with ``lora_alpha =
 
 from __future__ import annotations
 
-from typing import Any
+from autopeft import FloatParam
+from autopeft.optimizer_lora import OptimizerLoRA
+from autopeft.space import POSITIVE
 
-from autopeft import AttachContext, FloatParam, IntParam, Variant, shared
-from autopeft.space import POSITIVE, RANK
 
-
-class ALLoRA(Variant):
+class ALLoRA(OptimizerLoRA):
     name = "allora"
     summary = "LoRA without dropout or α/r scaling; each row of A and B learns at a rate 1/√(1+η²‖row‖²) (exported as LoRA rank r, alpha = r)"
     paper = "Huang and Balestriero, ALLoRA: Adaptive Learning Rate Mitigates LoRA Fatal Flaws, arXiv:2410.09692"
-    export_format = "lora"
-    supports_module_ranks = True
 
-    def search_space(self):
-        return {
-            "learning_rate": shared("learning_rate"),
-            "target_modules": shared("target_modules"),
-            "r": IntParam(2, 64, default=8, log=True, legal=RANK, help="rank of the update"),
-            "eta": FloatParam(0.1, 10.0, default=1.0, log=True, legal=POSITIVE, help="η: a row of norm 1/η learns at 1/√2 of the rate"),
-        }
+    def rule_space(self):
+        return {"eta": FloatParam(0.1, 10.0, default=1.0, log=True, legal=POSITIVE, help="η: a row of norm 1/η learns at 1/√2 of the rate")}
 
-    def attach(self, model, params: dict[str, Any], context: AttachContext):
-        from autopeft.optim import attach_lora
+    def update_rule(self, factors, trainable, learning_rate, weight_decay, rule, context):
+        from autopeft.optim import RowNormAdamW
 
-        return attach_lora(model, context, params["r"], alpha_ratio=1.0, dropout=0.0, eta=params["eta"])
-
-    def optimizer(self, model, trainable, learning_rate, weight_decay, context):
-        from autopeft.optim import RowNormAdamW, lora_factors, optimizer_options
-
-        return RowNormAdamW(lora_factors(model), trainable, learning_rate, weight_decay, eta=optimizer_options(model)["eta"])
+        return RowNormAdamW(factors, trainable, learning_rate, weight_decay, eta=rule["eta"])
 
 
 VARIANTS = [ALLoRA]

@@ -20,37 +20,22 @@ Export: the trained model is an ordinary PEFT LoRA of rank r with ``lora_alpha =
 
 from __future__ import annotations
 
-from typing import Any
-
-from autopeft import AttachContext, CategoricalParam, IntParam, Variant, shared
-from autopeft.space import RANK
+from autopeft import CategoricalParam
+from autopeft.optimizer_lora import OptimizerLoRA
 
 
-class AltLoRA(Variant):
+class AltLoRA(OptimizerLoRA):
     name = "altlora"
     summary = "LoRA trained by alternating A and B steps along projections of the full-weight gradient, momentum in the low-rank space (exported as LoRA rank r)"
     paper = "Yu et al., AltLoRA: Towards Better Gradient Approximation in Low-Rank Adaptation with Alternating Projections, arXiv:2505.12455"
-    export_format = "lora"
-    supports_module_ranks = True
 
-    def search_space(self):
-        return {
-            "learning_rate": shared("learning_rate"),
-            "target_modules": shared("target_modules"),
-            "r": IntParam(2, 64, default=8, log=True, legal=RANK, help="rank of the update"),
-            "second_moment": CategoricalParam((True, False), default=True, help="divide by an elementwise second moment (AltLoRA+) or use momentum alone"),
-        }
+    def rule_space(self):
+        return {"second_moment": CategoricalParam((True, False), default=True, help="divide by an elementwise second moment (AltLoRA+) or use momentum alone")}
 
-    def attach(self, model, params: dict[str, Any], context: AttachContext):
-        from autopeft.optim import attach_lora
+    def update_rule(self, factors, trainable, learning_rate, weight_decay, rule, context):
+        from autopeft.optim import AlternatingProjection
 
-        return attach_lora(model, context, params["r"], alpha_ratio=1.0, dropout=0.0, second_moment=params["second_moment"])
-
-    def optimizer(self, model, trainable, learning_rate, weight_decay, context):
-        from autopeft.optim import AlternatingProjection, lora_factors, optimizer_options
-
-        options = optimizer_options(model)
-        return AlternatingProjection(lora_factors(model), trainable, learning_rate, weight_decay, second_moment=options["second_moment"])
+        return AlternatingProjection(factors, trainable, learning_rate, weight_decay, second_moment=rule["second_moment"])
 
 
 VARIANTS = [AltLoRA]

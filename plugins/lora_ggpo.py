@@ -21,40 +21,27 @@ Export: the trained model is an ordinary PEFT LoRA of rank r with ``lora_alpha =
 
 from __future__ import annotations
 
-from typing import Any
-
-from autopeft import AttachContext, FloatParam, IntParam, Variant, shared
-from autopeft.space import POSITIVE, RANK, Bounds
-
-ALPHA_RATIO = 2.0
+from autopeft import FloatParam
+from autopeft.optimizer_lora import OptimizerLoRA
+from autopeft.space import POSITIVE, Bounds
 
 
-class LoRAGGPO(Variant):
+class LoRAGGPO(OptimizerLoRA):
     name = "lora-ggpo"
     summary = "LoRA trained at merged weights perturbed by noise sized by weight and gradient row norms, removed after each step (exported as LoRA rank r)"
     paper = "Chang et al., LoRA-GGPO: Mitigating Double Descent in LoRA Fine-Tuning via Gradient-Guided Perturbation Optimization, arXiv:2502.14538"
-    export_format = "lora"
-    supports_module_ranks = True
+    alpha_ratio = 2.0
 
-    def search_space(self):
+    def rule_space(self):
         return {
-            "learning_rate": shared("learning_rate"),
-            "target_modules": shared("target_modules"),
-            "r": IntParam(2, 64, default=8, log=True, legal=RANK, help="rank of the update"),
             "sigma": FloatParam(0.005, 0.2, default=0.05, log=True, legal=POSITIVE, help="σ: perturbation size relative to the weight's row norms"),
             "beta": FloatParam(0.0, 4.0, default=1.0, legal=Bounds(0), help="β: weight of the gradient's row norms against the weight's in the perturbation"),
         }
 
-    def attach(self, model, params: dict[str, Any], context: AttachContext):
-        from autopeft.optim import attach_lora
+    def update_rule(self, factors, trainable, learning_rate, weight_decay, rule, context):
+        from autopeft.optim import PerturbedAdamW
 
-        return attach_lora(model, context, params["r"], alpha_ratio=ALPHA_RATIO, dropout=0.0, sigma=params["sigma"], beta=params["beta"])
-
-    def optimizer(self, model, trainable, learning_rate, weight_decay, context):
-        from autopeft.optim import PerturbedAdamW, lora_factors, optimizer_options
-
-        options = optimizer_options(model)
-        return PerturbedAdamW(lora_factors(model), trainable, learning_rate, weight_decay, options["sigma"], options["beta"], context.seed)
+        return PerturbedAdamW(factors, trainable, learning_rate, weight_decay, rule["sigma"], rule["beta"], context.seed)
 
 
 VARIANTS = [LoRAGGPO]
