@@ -81,7 +81,11 @@ DERIVED_FIELDS: dict[str, Callable[[Any, Any], Any]] = {"feedforward_modules": _
 # search samples them without knowing the model; the trial rounds the sampled value down to the largest size that
 # fits (PEFT's own advice for C3A: the greatest common divisor of the widths), so a model whose widths are not
 # powers of two (MiniLM's 384) is searched rather than failing every trial.
-DIVISOR_FIELDS: dict[str, tuple[str, ...]] = {"block_size": ("in_features", "out_features"), "boft_block_size": ("in_features",)}
+DIVISOR_FIELDS: dict[str, tuple[str, ...]] = {
+    "block_size": ("in_features", "out_features"),  # C3A
+    "boft_block_size": ("in_features",),  # BOFT
+    "vector_length": ("in_features", "out_features"),  # VB-LoRA: sub-vectors tile every weight exactly
+}
 
 
 def largest_divisor_at_most(number: int, limit: int) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import warnings
-from functools import reduce
 from pathlib import Path
 from typing import Any
 
@@ -550,12 +549,13 @@ class VBLoRA(PeftVariant):
     peft_type = "VBLORA"
 
     def config_fields(self, model, params, context):
-        dims = [d for shape in _shapes(model, context.target_modules).values() for d in shape]
-        common = reduce(math.gcd, dims)
+        from autopeft_plugins.peft_bridge import fit_divisor_fields
+
         # Sub-vectors tile every weight exactly, so their length must divide all target dimensions.
-        length = max(d for d in range(1, min(common, params["vector_length"]) + 1) if common % d == 0)
+        length = fit_divisor_fields(model, context.target_modules, {"vector_length": params["vector_length"]})["vector_length"]
         if length < 4:
-            raise TrialFailed(f"VB-LoRA: the targets' dimensions {sorted(set(dims))} share no vector length above {length}")
+            dims = sorted({d for shape in _shapes(model, context.target_modules).values() for d in shape})
+            raise TrialFailed(f"VB-LoRA: the targets' dimensions {dims} share no vector length above {length}")
         if params["topk"] > params["num_vectors"]:
             raise TrialFailed(f"VB-LoRA: topk={params['topk']} exceeds num_vectors={params['num_vectors']}")
         return {"r": params["r"], "num_vectors": params["num_vectors"], "vector_length": length, "topk": params["topk"]}
