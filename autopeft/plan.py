@@ -18,7 +18,7 @@ from autopeft.data import check_columns, check_source
 from autopeft.errors import AutoPeftError, SpecError, SpecErrors, shorten
 from autopeft.models import looks_like_local_path
 from autopeft.registry import Registry, load_registry
-from autopeft.space import SHARED_PARAMS, Param, override, qualified_name
+from autopeft.space import SHARED_PARAMS, Param, learning_rate_for_steps, override, qualified_name
 from autopeft.spec import METRICS, Spec, load_yaml, non_finite_numbers
 
 PRESET_FOLDER = Path(importlib.util.find_spec("autopeft.search_spaces").submodule_search_locations[0])
@@ -72,6 +72,9 @@ def load_preset(spec: Spec) -> dict[str, Any]:
 def _build_spaces(spec: Spec, registry: Registry, variants: list[str], overrides: dict[str, Any], errors: list[SpecError]) -> dict[str, dict[str, Param]]:
     file = str(spec.path)
     spaces = {name: dict(registry.variant(name).search_space()) for name in variants}
+    for space in spaces.values():  # where the baseline trial starts suits the trials' length; a spec's default wins
+        if "learning_rate" in space:
+            space["learning_rate"] = learning_rate_for_steps(space["learning_rate"], spec.training.max_steps)
     allowed = sorted({qualified_name(v, p) for v, space in spaces.items() for p in space})
     for key, raw in overrides.items():
         variant, _, param = key.rpartition(".")

@@ -236,6 +236,27 @@ SHARED_PARAMS: dict[str, Param] = {
 }
 
 
+LEARNING_RATE_REFERENCE_STEPS = 1000
+"""Trials this long or longer start at a variant's declared learning rate; shorter ones start higher."""
+LEARNING_RATE_MAX_BOOST = 10.0
+"""The most the first learning rate of a short trial is raised above the declared one."""
+
+
+def learning_rate_for_steps(param: Param, steps: int) -> Param:
+    """The learning rate ``param`` with its default (the baseline trial's rate) fitted to trials of ``steps`` steps.
+
+    A declared default suits trials of :data:`LEARNING_RATE_REFERENCE_STEPS` steps or more. A shorter trial gets
+    the default times ``√(reference / steps)``, at most :data:`LEARNING_RATE_MAX_BOOST` times it and never above
+    the range: in 40 to 60 steps a LoRA at 1e-3 barely leaves its start (on Rotten Tomatoes it predicted one
+    class), while the rates searches kept there were 2.5e-3 to 9e-3 (BENCHMARKS.md, "Search quality"). The range
+    searched does not change, only where the search starts. Anything but a float parameter is returned as it is.
+    """
+    if not isinstance(param, FloatParam) or steps >= LEARNING_RATE_REFERENCE_STEPS:
+        return param
+    boost = min(math.sqrt(LEARNING_RATE_REFERENCE_STEPS / max(steps, 1)), LEARNING_RATE_MAX_BOOST)
+    return replace(param, default=min(param.default * boost, param.high))
+
+
 def shared(name: str, **changes: Any) -> Param:
     """A shared parameter from :data:`SHARED_PARAMS`, with a variant's own default if it needs one.
 

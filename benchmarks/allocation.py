@@ -81,7 +81,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "allocation_claims.jsonl"
 TARGETS = "q,k,v,o"
 ROLES = set(TARGETS.split(","))
-LEARNING_RATES = {"low": 1e-4, "high": 1e-2, "log": True}
+LEARNING_RATES = {"low": 1e-4, "high": 1e-2, "log": True, "default": 1e-3}
+"""Pinned first rate: the recorded claims ran before autopeft fitted the first rate to short trials."""
 BATCH, EVAL_BATCH = 16, 64
 DATASETS = {
     "rotten-tomatoes": {"train": 4000, "validation": 300, "test": 1000},

@@ -25,6 +25,10 @@ needed to reach each alternative's final test accuracy.
     cd benchmarks && taskset -c 0 python search_quality.py --seeds 0 1 2 --steps 40 --trials 6
     cd benchmarks && python search_quality.py --table results/search_quality.jsonl
 
+``--table`` reads several files in order; a later file's row for the same (data set, seed, method) replaces an
+earlier one, so one method can be rerun after a change (``--methods autopeft --results results/new.jsonl``) and
+read against the others' earlier runs.
+
 Appends one JSON line per (data set, seed, method) to ``benchmarks/results/search_quality.jsonl``.
 """
 
@@ -354,7 +358,10 @@ def mean_incumbent_test(runs: list[dict], steps: int) -> float | None:
 
 
 def table(paths: list[str]) -> None:
-    rows = results_file.read(paths)
+    """Print each data set's table and autopeft's goals. Of several rows for one (data set, seed, method), the last
+    one read counts: a method rerun after a change, into a later file, replaces its earlier runs."""
+    latest = {(r["dataset"], r["seed"], r["method"]): r for r in results_file.read(paths)}
+    rows = list(latest.values())
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         subset = [r for r in rows if r["dataset"] == dataset]
         seeds = sorted({r["seed"] for r in subset})

@@ -112,10 +112,14 @@ def size_knob(name: str, space: dict[str, Any]) -> str | None:
 
 def tuned_space(name: str, variant: Any) -> tuple[dict[str, Any], str | None]:
     """The spec's ``search.space`` for one variant: the learning rate and the size knob searched over the ranges the
-    variant declares, every other parameter (target modules too) fixed at its default; and the knob's name."""
+    variant declares, every other parameter (target modules too) fixed at its default; and the knob's name.
+
+    The first trial's learning rate is the variant's declared default, not the higher one autopeft's plan fits to
+    short trials (:func:`autopeft.space.learning_rate_for_steps`): the study's first rows were run before that
+    prior, and every row must start its search the same way to be compared."""
     space = variant.search_space()
     knob = size_knob(name, space)
-    fixed: dict[str, Any] = {}
+    fixed: dict[str, Any] = {"learning_rate": {"default": space["learning_rate"].default}}
     for param_name, param in space.items():
         if param_name in ("learning_rate", knob):
             continue

@@ -153,3 +153,45 @@ def test_warm_start_from_a_folder_that_is_no_run_is_refused(tmp_path, tiny_bert,
     assert main(["search", str(spec)]) == 2
     err = capsys.readouterr().err
     assert "search.warm_start" in err and "nothing" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "max_steps, space, variant, expected",
+    [
+        (40, {}, "lora", 5e-3),  # 1e-3 · √(1000/40)
+        (250, {}, "lora", 2e-3),  # 1e-3 · √(1000/250)
+        (1000, {}, "lora", 1e-3),  # long trials start at the declared default
+        (4, {}, "lora", 1e-2),  # at most ten times it, and never above the range
+        (40, {}, "svfit", 1e-2),  # a variant's own default (5e-3) is raised the same way, within the range
+        (40, {"learning_rate": {"default": 2e-4}}, "lora", 2e-4),  # a spec's default wins
+        (40, {"learning_rate": {"low": 1e-4, "high": 3e-3}}, "lora", 3e-3),  # a narrowed range holds it
+    ],
+)
+def test_the_baseline_learning_rate_is_fitted_to_the_trial_length(tmp_path, tiny_bert, sentiment_csv, max_steps, space, variant, expected):
+    """Catches: dropping learning_rate_for_steps from the plan (a 40-step baseline at 1e-3 barely trains: on
+    Rotten Tomatoes it predicted one class), the √ scaling, its cap, or the scaled default overriding a spec's."""
+    from autopeft.plan import make_plan
+    from autopeft.space import defaults
+    from autopeft.spec import load_spec
+
+    spec = write_spec(tmp_path, model={"id": str(tiny_bert)}, data={"source": str(sentiment_csv)}, search={"variants": [variant], "space": space}, training={"max_steps": max_steps, "batch_size": 8, "eval_every": max_steps})
+    plan = make_plan(load_spec(str(spec)))
+    assert defaults(variant, plan.spaces[variant])["learning_rate"] == pytest.approx(expected)
+    assert (plan.spaces[variant]["learning_rate"].low, plan.spaces[variant]["learning_rate"].high) == ((1e-5, 1e-2) if not space else (space["learning_rate"].get("low", 1e-5), space["learning_rate"].get("high", 1e-2)))
+
+
+def test_the_baseline_trial_runs_at_the_fitted_learning_rate(tmp_path, tiny_bert, sentiment_csv):
+    """Catches: the search enqueueing its baseline from the variant's declared space rather than the plan's."""
+    spec = write_spec(tmp_path, model={"id": str(tiny_bert)}, data={"source": str(sentiment_csv)}, search={"n_trials": 1, "space": {"lora.r": [2]}}, training={"max_steps": 40, "batch_size": 8, "eval_every": 40})
+    assert main(["search", str(spec)]) == 0
+    [trial] = study_of(tmp_path / "run").trials
+    assert trial.user_attrs["baseline"] and trial.params["learning_rate"] == pytest.approx(5e-3)
+
+
+def test_a_short_trial_raises_the_first_learning_rate_at_most_tenfold():
+    """Catches: dropping the cap of learning_rate_for_steps (a 4-step trial would start 16 times higher)."""
+    from autopeft.space import FloatParam, learning_rate_for_steps
+
+    low_default = FloatParam(1e-6, 1.0, default=1e-4, log=True)
+    assert learning_rate_for_steps(low_default, 4).default == pytest.approx(1e-3)
+    assert learning_rate_for_steps(low_default, 10_000) == low_default
