@@ -29,6 +29,11 @@ many trials completed, were pruned or failed.
     taskset -c 0 .venv/bin/python benchmarks/variants.py --datasets bbc-news --variants lora dora peft:hra   # a piece
     .venv/bin/python benchmarks/variants.py --table benchmarks/results/variants.jsonl
     .venv/bin/python benchmarks/variants.py --plot benchmarks/results/variants.jsonl benchmarks/results/variants.png
+    .venv/bin/python benchmarks/variants.py --table benchmarks/results/variants.jsonl --seeds 0   # only seed 0's rows
+
+With ``--table`` and ``--plot``, ``--variants`` and ``--seeds`` choose the rows read (tuned LoRA is always read),
+so a study run further for some variants than for others can be read at one seed for all, or at every seed for
+those.
 
 Rows are appended to ``benchmarks/results/variants.jsonl`` (``--results``) as each variant finishes; a run started
 again skips every (data set, seed, variant) already recorded there at the same steps and budget (a failure is a
@@ -349,9 +354,14 @@ def verdict(summary: dict[str, dict[str, dict]]) -> str:
     )
 
 
-def table(paths: list[str]) -> None:
-    """Print the per-data-set table (mean ± standard deviation over seeds) and the verdict."""
+def recorded(paths: list[str], variants: list[str] | None = None, seeds: list[int] | None = None) -> list[dict]:
+    """The rows of these results files, only of ``variants`` (and the reference, tuned LoRA) and ``seeds`` if given."""
     rows = results_file.read(paths)
+    return [r for r in rows if (variants is None or r["variant"] in {*variants, REFERENCE}) and (seeds is None or r["seed"] in seeds)]
+
+
+def table(rows: list[dict]) -> None:
+    """Print the per-data-set table (mean ± standard deviation over seeds) and the verdict."""
     summary = summarize(rows)
     for dataset, variants in summary.items():
         seeds = sorted({r["seed"] for r in rows if r["dataset"] == dataset})
@@ -378,7 +388,7 @@ def table(paths: list[str]) -> None:
     print(verdict(summary))
 
 
-def plot(paths: list[str], out: str) -> None:
+def plot(rows: list[dict], out: str) -> None:
     """Accuracy against size: one point per variant per data set (mean over seeds), trainable parameters on a log
     scale, one panel per data set, tuned LoRA's accuracy as a dashed line."""
     import matplotlib
@@ -386,7 +396,7 @@ def plot(paths: list[str], out: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summary = summarize(results_file.read(paths))
+    summary = summarize(rows)
     figure, axes = plt.subplots(1, len(summary), figsize=(9 * len(summary), 7), squeeze=False)
     for axis, (dataset, variants) in zip(axes[0], summary.items()):
         measured = {name: e for name, e in variants.items() if e["ok"]}
@@ -411,9 +421,9 @@ def plot(paths: list[str], out: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", nargs="+", help="run only these variants (default: every built-in variant)")
+    parser.add_argument("--variants", nargs="+", help="run only these variants (default: every built-in variant); with --table or --plot: read only these and tuned lora")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds to run (with --table or --plot: to read)")
     parser.add_argument("--steps", type=int, default=60, help="training steps of one configuration")
     parser.add_argument("--budget-steps", type=int, default=240, help="training steps each variant's search may spend")
     parser.add_argument("--train", type=int, default=4000)
@@ -432,9 +442,9 @@ def main() -> None:
         except ValueError as exc:
             parser.error(str(exc))
     if args.table:
-        table(args.table)
+        table(recorded(args.table, args.variants, args.seeds))
     elif args.plot:
-        plot([args.plot[0]], args.plot[1])
+        plot(recorded([args.plot[0]], args.variants, args.seeds), args.plot[1])
     else:
         measure(args)
 
