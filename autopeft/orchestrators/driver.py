@@ -138,9 +138,15 @@ def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
 
 def requeue_dead(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """A trial whose process died (now FAIL without a reason): run it again, unless its configuration has now
-    killed a process :data:`MAX_DEATHS` times; then record it failed with that reason (a trial that counts)."""
+    killed a process :data:`MAX_DEATHS` times; then record it failed with that reason (a trial that counts).
+
+    A trial whose process died before any of its configuration was sampled ran nothing: it is not queued (an empty
+    queued trial would be a fresh sample labelled as its retry); it stays an uncounted interrupted trial, and the
+    search samples another in its place."""
     import optuna
 
+    if not trial.params:
+        return
     deaths = trial.user_attrs.get("deaths", 0) + 1
     if deaths < MAX_DEATHS:
         study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "deaths": deaths})

@@ -393,3 +393,19 @@ def test_a_reader_never_writes_into_a_study_a_starting_search_is_still_creating(
         db.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL PRIMARY KEY)")
         db.executemany("INSERT INTO alembic_version VALUES (?)", stamp)
     assert optuna.load_study(study_name="autopeft", storage=run_dir.open_storage()).trials == []
+
+
+def test_a_trial_killed_before_its_configuration_was_sampled_is_not_run_again(tmp_path, tiny_bert, sentiment_csv):
+    """Catches: removing the empty-configuration check in ``driver.requeue``/``requeue_dead``. A process killed
+    between creating a trial and sampling its parameters leaves a RUNNING trial with none; it ran nothing, so the
+    next run must not queue a "retry" of it (an empty queued trial is a fresh sample labelled as a retry, and with
+    n_trials reached it would sit queued for ever). A trial killed after sampling is still run again."""
+    spec = write_spec(tmp_path, model={"id": str(tiny_bert)}, data={"source": str(sentiment_csv)}, search={"n_trials": 2})
+    assert main(["search", str(spec)]) == 0
+    study = optuna.load_study(study_name="autopeft", storage=RunDir(tmp_path / "run").storage_url)
+    unsampled = study.ask()  # what a process killed right after ask() leaves behind: RUNNING, no parameters
+    assert main(["search", str(spec)]) == 0
+    every = trials(tmp_path / "run")
+    assert every[unsampled.number].state.name == "FAIL" and "failure_reason" not in every[unsampled.number].user_attrs
+    assert not [t for t in every if t.user_attrs.get("retry_of") == unsampled.number]
+    assert [t.state.name for t in every] == ["COMPLETE", "COMPLETE", "FAIL"]
