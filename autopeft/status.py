@@ -30,12 +30,6 @@ class Objective(NamedTuple):
     direction: str  # "maximize" or "minimize"
 
 
-def read_storage(run_dir: RunDir) -> optuna.storages.BaseStorage:
-    """The run's study storage, opened without creating tables or touching an existing schema (a reader must
-    never write to a database that a running search owns)."""
-    return run_dir.open_storage()
-
-
 def objectives(study: optuna.Study, spec: Spec) -> list[Objective]:
     """The study's objectives in order: from its "objectives" attribute, else the spec's metric."""
     directions = [d.name.lower() for d in study.directions]
@@ -178,7 +172,7 @@ def dashboard_server(run_dir: RunDir, host: str = "127.0.0.1", port: int = 8080)
     class Server(WSGIServer):
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
-    app = optuna_dashboard.wsgi(read_storage(run_dir))
+    app = optuna_dashboard.wsgi(run_dir.open_storage())  # a reader: never writes the schema
     try:
         return make_server(host, port, app, server_class=Server, handler_class=QuietHandler)
     except OSError as exc:

@@ -97,9 +97,9 @@ def fit_divisor_fields(model, target_modules: list[str], fields: dict[str, Any])
     """``fields`` with each :data:`DIVISOR_FIELDS` value rounded down to a size that divides every target layer's
     widths it must divide; the other fields as they are."""
     fitted = dict(fields)
+    layers = [model.get_submodule(target) for target in target_modules]
     for name, widths in DIVISOR_FIELDS.items():
-        if isinstance(fitted.get(name), int) and not isinstance(fitted[name], bool) and target_modules:
-            layers = [model.get_submodule(target) for target in target_modules]
+        if isinstance(fitted.get(name), int) and not isinstance(fitted[name], bool) and layers:
             common = math.gcd(*(int(getattr(layer, width)) for layer in layers for width in widths))
             fitted[name] = largest_divisor_at_most(common, fitted[name])
     return fitted
@@ -240,8 +240,8 @@ class BridgedVariant(PeftVariant):
         return dict(self._space)
 
     def build_config(self, model, params, context):
-        """The config of the sampled fields, a block size PEFT requires to divide the layers' widths fitted to them
-        (:func:`fit_divisor_fields`; the export's ``adapter_config.json`` holds the size trained)."""
+        """The config of the sampled fields, with the sizes PEFT requires to divide the layers' widths fitted to
+        them (:func:`fit_divisor_fields`; the export's ``adapter_config.json`` holds the size trained)."""
         fields = {k: v for k, v in params.items() if k not in SHARED_PARAMS}
         return peft_config(self.peft_type, model, context, **fit_divisor_fields(model, context.target_modules, fields))
 

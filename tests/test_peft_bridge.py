@@ -196,9 +196,10 @@ def test_a_default_the_model_cannot_take_fails_the_trial_with_peft_reason_and_le
     ],
 )
 def test_a_block_size_that_does_not_divide_the_layers_is_rounded_down_to_one_that_does(name, field, sampled, fitted):
-    """Catches dropping fit_divisor_fields or a field of DIVISOR_FIELDS: C3A's and VB-LoRA's defaults (256) and most
-    sampled BOFT block sizes do not divide MiniLM's 384-wide layers, and every such trial failed. A size that divides is kept as it is; the export
-    holds the size trained (here 32 = gcd of the tiny model's 32 and 64 wide targets)."""
+    """Catches dropping fit_divisor_fields or a field of DIVISOR_FIELDS: C3A's and VB-LoRA's defaults (256) and
+    most sampled BOFT block sizes do not divide MiniLM's 384-wide layers, and every such trial failed. A size that
+    divides is kept as it is; the attached model holds the size trained (here 32 = gcd of the tiny model's 32 and
+    64 wide targets)."""
     model = tiny_model()
     variant = REGISTRY.variant(name)
     params = {k: p.default for k, p in variant.search_space().items()} | {field: sampled}

@@ -169,7 +169,8 @@ def test_warm_start_from_a_folder_that_is_no_run_is_refused(tmp_path, tiny_bert,
 )
 def test_the_baseline_learning_rate_is_fitted_to_the_trial_length(tmp_path, tiny_bert, sentiment_csv, max_steps, space, variant, expected):
     """Catches: dropping learning_rate_for_steps from the plan (a 40-step baseline at 1e-3 barely trains: on
-    Rotten Tomatoes it predicted one class), the √ scaling, its cap, or the scaled default overriding a spec's."""
+    Rotten Tomatoes it predicted one class), the √ scaling, the ceiling of the range, or the scaled default
+    overriding a spec's. The tenfold cap is the next test's."""
     from autopeft.plan import make_plan
     from autopeft.space import defaults
     from autopeft.spec import load_spec

@@ -396,10 +396,11 @@ def test_a_reader_never_writes_into_a_study_a_starting_search_is_still_creating(
 
 
 def test_a_trial_killed_before_its_configuration_was_sampled_is_not_run_again(tmp_path, tiny_bert, sentiment_csv):
-    """Catches: removing the empty-configuration check in ``driver.requeue``/``requeue_dead``. A process killed
+    """Catches: removing the empty-configuration check in ``driver.requeue_dead``. A process killed
     between creating a trial and sampling its parameters leaves a RUNNING trial with none; it ran nothing, so the
     next run must not queue a "retry" of it (an empty queued trial is a fresh sample labelled as a retry, and with
-    n_trials reached it would sit queued for ever). A trial killed after sampling is still run again."""
+    n_trials reached it would sit queued for ever). That a trial killed after sampling is run again is covered by
+    the tests above that kill a search mid-trial."""
     spec = write_spec(tmp_path, model={"id": str(tiny_bert)}, data={"source": str(sentiment_csv)}, search={"n_trials": 2})
     assert main(["search", str(spec)]) == 0
     study = optuna.load_study(study_name="autopeft", storage=RunDir(tmp_path / "run").storage_url)
