@@ -74,11 +74,10 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import results_file  # noqa: E402  (benchmarks/results_file.py)
-from search_quality import BATCH, EVAL_BATCH, MAX_LENGTH, MINILM, TestSet, write_split  # noqa: E402
+from search_quality import BATCH, DATASETS, EVAL_BATCH, MAX_LENGTH, MINILM, TestSet, write_split  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "variants.jsonl"
-DATASETS = ("rotten-tomatoes", "bbc-news")
 REFERENCE = "lora"
 WITHIN = 0.005
 """Half a point of accuracy: LoRA matches a variant when it is at most this much below it."""

@@ -67,7 +67,7 @@ def test_every_preset_builds_a_plan_and_the_spec_overrides_it():
     from autopeft.plan import make_plan, preset_names
     from autopeft.spec import parse_spec
 
-    assert {"compare-variants", "lora-rank-placement", "rank-allocators"} <= set(preset_names())
+    assert {"compare-variants", "lora-rank-placement", "rank-allocators", "small-adapters"} <= set(preset_names())
     for preset in preset_names():
         spec = parse_spec({"model": {"id": "sentence-transformers/all-MiniLM-L6-v2"}, "data": {"source": "rotten-tomatoes"}, "search": {"preset": preset}})
         plan = make_plan(spec)
