@@ -85,7 +85,14 @@ DIVISOR_FIELDS: dict[str, tuple[str, ...]] = {
     "block_size": ("in_features", "out_features"),  # C3A
     "boft_block_size": ("in_features",),  # BOFT
     "vector_length": ("in_features", "out_features"),  # VB-LoRA: sub-vectors tile every weight exactly
+    "gralora_k": ("in_features", "out_features"),  # GraLoRA: k x k sub-blocks of every weight
 }
+
+MULTIPLE_FIELDS: dict[str, str] = {
+    "r": "gralora_k",  # GraLoRA: the rank is split evenly among the k sub-blocks
+}
+"""Fields PEFT requires to be a multiple of another field of the same config, when the config has that field
+(``{field: the field it must be a multiple of}``). A trial rounds the sampled value down to a multiple (at least one)."""
 
 
 def largest_divisor_at_most(number: int, limit: int) -> int:
@@ -95,14 +102,22 @@ def largest_divisor_at_most(number: int, limit: int) -> int:
 
 def fit_divisor_fields(model, target_modules: list[str], fields: dict[str, Any]) -> dict[str, Any]:
     """``fields`` with each :data:`DIVISOR_FIELDS` value rounded down to a size that divides every target layer's
-    widths it must divide; the other fields as they are."""
+    widths it must divide, then each :data:`MULTIPLE_FIELDS` value rounded down to a multiple of its unit; the other
+    fields as they are."""
     fitted = dict(fields)
     layers = [model.get_submodule(target) for target in target_modules]
     for name, widths in DIVISOR_FIELDS.items():
-        if isinstance(fitted.get(name), int) and not isinstance(fitted[name], bool) and layers:
+        if _count_value(fitted.get(name)) and layers:
             common = math.gcd(*(int(getattr(layer, width)) for layer in layers for width in widths))
             fitted[name] = largest_divisor_at_most(common, fitted[name])
+    for name, unit in MULTIPLE_FIELDS.items():
+        if _count_value(fitted.get(name)) and _count_value(fitted.get(unit)) and fitted[unit] >= 1:
+            fitted[name] = max(fitted[unit], fitted[name] - fitted[name] % fitted[unit])
     return fitted
+
+
+def _count_value(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _number(value: Any) -> bool:
@@ -198,6 +213,7 @@ def derive_space(fields: list[dict[str, Any]]) -> dict[str, Param]:
     """The search space of a config described by :func:`describe_fields`: the shared parameters, then one
     parameter per plain field, searched by :data:`FIELD_RULES` or fixed at PEFT's default."""
     space: dict[str, Param] = {"learning_rate": shared("learning_rate"), "target_modules": shared("target_modules")}
+    names = {field["name"] for field in fields}
     for field in fields:
         name, default = field["name"], field["default"]
         if name in SHARED_PARAMS or name in SEED_FIELDS or name in DERIVED_FIELDS or _matches(name, HIDDEN_FIELDS):
@@ -207,6 +223,8 @@ def derive_space(fields: list[dict[str, Any]]) -> dict[str, Param]:
         searched = next((p for patterns, rule in FIELD_RULES if _matches(name, patterns) and (p := rule(default, field["literals"])) is not None), None)
         if searched is not None and name in DIVISOR_FIELDS:
             searched = dataclasses.replace(searched, help=f"{searched.help}; a trial rounds it down to divide the target layers' widths")
+        if searched is not None and MULTIPLE_FIELDS.get(name) in names:
+            searched = dataclasses.replace(searched, help=f"{searched.help}; a trial rounds it down to a multiple of {MULTIPLE_FIELDS[name]}")
         space[name] = searched or CategoricalParam((default,), default=default, help=f"PEFT's default; set it with space: {{<variant>.{name}: value}}")
     return space
 
@@ -240,8 +258,9 @@ class BridgedVariant(PeftVariant):
         return dict(self._space)
 
     def build_config(self, model, params, context):
-        """The config of the sampled fields, with the sizes PEFT requires to divide the layers' widths fitted to
-        them (:func:`fit_divisor_fields`; the export's ``adapter_config.json`` holds the size trained)."""
+        """The config of the sampled fields, with the sizes PEFT requires to divide the layers' widths (or to be a
+        multiple of another field) fitted to them (:func:`fit_divisor_fields`; the export's ``adapter_config.json``
+        holds the size trained)."""
         fields = {k: v for k, v in params.items() if k not in SHARED_PARAMS}
         return peft_config(self.peft_type, model, context, **fit_divisor_fields(model, context.target_modules, fields))
 

@@ -193,13 +193,14 @@ def test_a_default_the_model_cannot_take_fails_the_trial_with_peft_reason_and_le
     [
         ("peft:c3a", "block_size", 256, 32), ("peft:c3a", "block_size", 24, 16), ("peft:c3a", "block_size", 8, 8),
         ("peft:boft", "boft_block_size", 5, 4), ("peft:vblora", "vector_length", 256, 32),
+        ("peft:gralora", "r", 35, 34), ("peft:gralora", "r", 1, 2), ("peft:gralora", "r", 16, 16),
     ],
 )
 def test_a_block_size_that_does_not_divide_the_layers_is_rounded_down_to_one_that_does(name, field, sampled, fitted):
-    """Catches dropping fit_divisor_fields or a field of DIVISOR_FIELDS: C3A's and VB-LoRA's defaults (256) and
-    most sampled BOFT block sizes do not divide MiniLM's 384-wide layers, and every such trial failed. A size that
-    divides is kept as it is; the attached model holds the size trained (here 32 = gcd of the tiny model's 32 and
-    64 wide targets)."""
+    """Catches dropping fit_divisor_fields or an entry of DIVISOR_FIELDS or MULTIPLE_FIELDS: C3A's and VB-LoRA's
+    defaults (256) and most sampled BOFT block sizes do not divide MiniLM's 384-wide layers, and GraLoRA's rank must
+    be a multiple of its gralora_k (2); every such trial failed. A size that fits is kept as it is; the attached
+    model holds the size trained (here 32 = gcd of the tiny model's 32 and 64 wide targets)."""
     model = tiny_model()
     variant = REGISTRY.variant(name)
     params = {k: p.default for k, p in variant.search_space().items()} | {field: sampled}
