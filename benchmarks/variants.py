@@ -14,7 +14,9 @@ Each variant is tuned on its own by an autopeft search (``search.variants: [<var
 configuration trained for ``--steps`` steps (batch 16, 64 tokens). The search tunes the learning rate and the
 variant's main size knob (its rank, coefficient count, target rank, kept fraction, ...: ``size_knob`` below, over
 the range the variant declares); every other parameter stays at the variant's default, target modules included.
-Its first trial is the variant's defaults. A variant whose every trial fails is recorded as failed, with the reason
+Its first trial is the variant's defaults, at the learning rate autopeft fits to the trial length (``--first-rate
+fitted``, the default) or at the variant's declared rate (``--first-rate declared``: the BBC News rows, run before
+autopeft fitted it). A variant whose every trial fails is recorded as failed, with the reason
 the study holds for its trials, and the study goes on.
 
 Per (data set, seed, variant), one JSON line: the test accuracy of ``best/`` as PEFT loads it
@@ -26,6 +28,7 @@ validation passes at each quarter of the steps, alike for every variant), the ch
 many trials completed, were pruned or failed.
 
     taskset -c 0 .venv/bin/python benchmarks/variants.py --seeds 0 1 2
+    taskset -c 0 .venv/bin/python benchmarks/variants.py --datasets bbc-news --first-rate declared   # the BBC News rows
     taskset -c 0 .venv/bin/python benchmarks/variants.py --datasets bbc-news --variants lora dora peft:hra   # a piece
     .venv/bin/python benchmarks/variants.py --table benchmarks/results/variants.jsonl
     .venv/bin/python benchmarks/variants.py --plot benchmarks/results/variants.jsonl benchmarks/results/variants.png
@@ -114,16 +117,19 @@ def size_knob(name: str, space: dict[str, Any]) -> str | None:
     return next((knob for knob in candidates if knob in space and searched(space[knob])), None)
 
 
-def tuned_space(name: str, variant: Any) -> tuple[dict[str, Any], str | None]:
-    """The spec's ``search.space`` for one variant: the learning rate and the size knob searched over the ranges the
-    variant declares, every other parameter (target modules too) fixed at its default; and the knob's name.
+FIRST_RATES = ("fitted", "declared")
+"""Where each search's first trial puts the learning rate: ``fitted``, autopeft's default (the declared rate scaled to
+the trial length, :func:`autopeft.space.learning_rate_for_steps`), or ``declared``, the variant's declared default
+(the BBC News rows, run before that prior existed). Rows record it; only rows of one kind are compared."""
 
-    The first trial's learning rate is the variant's declared default, not the higher one autopeft's plan fits to
-    short trials (:func:`autopeft.space.learning_rate_for_steps`): the study's first rows were run before that
-    prior, and every row must start its search the same way to be compared."""
+
+def tuned_space(name: str, variant: Any, first_rate: str = "fitted") -> tuple[dict[str, Any], str | None]:
+    """The spec's ``search.space`` for one variant: the learning rate and the size knob searched over the ranges the
+    variant declares, every other parameter (target modules too) fixed at its default; and the knob's name. The first
+    trial's learning rate is as ``first_rate`` says (:data:`FIRST_RATES`)."""
     space = variant.search_space()
     knob = size_knob(name, space)
-    fixed: dict[str, Any] = {"learning_rate": {"default": space["learning_rate"].default}}
+    fixed: dict[str, Any] = {"learning_rate": {"default": space["learning_rate"].default}} if first_rate == "declared" else {}
     for param_name, param in space.items():
         if param_name in ("learning_rate", knob):
             continue
@@ -173,7 +179,7 @@ def run_variant(name: str, data_dir: Path, out: Path, seed: int, tests: TestSet,
     from autopeft.rundir import RunDir, open_study
     from autopeft.spec import parse_spec
 
-    space, knob = tuned_space(name, installed_variant(name))
+    space, knob = tuned_space(name, installed_variant(name), args.first_rate)
     row: dict[str, Any] = {"knob": knob}
     started = time.perf_counter()
     try:
@@ -237,7 +243,7 @@ def measure(args: argparse.Namespace) -> None:
     done = set()
     if Path(args.results).is_file():
         done = {(r["dataset"], r["seed"], r["variant"]) for r in results_file.read([args.results])
-                if r.get("steps_per_trial") == args.steps and r.get("budget_steps") == args.budget_steps}
+                if r.get("steps_per_trial") == args.steps and r.get("budget_steps") == args.budget_steps and first_rate(r) == args.first_rate}
     for seed in args.seeds:
         for dataset in args.datasets:
             todo = [n for n in names if (dataset, seed, n) not in done]
@@ -260,7 +266,7 @@ def measure(args: argparse.Namespace) -> None:
                     results_file.record(
                         {
                             "dataset": dataset, "seed": seed, "variant": name, "source": _source(name), **measured,
-                            "steps_per_trial": args.steps, "budget_steps": args.budget_steps,
+                            "steps_per_trial": args.steps, "budget_steps": args.budget_steps, "first_rate": args.first_rate,
                             "examples": {"train": args.train, "validation": args.validation, "test": args.test},
                             "threads": args.threads, "load_before": round(load_before, 2), "date": time.strftime("%Y-%m-%d %H:%M"),
                         },
@@ -353,10 +359,21 @@ def verdict(summary: dict[str, dict[str, dict]]) -> str:
     )
 
 
+def first_rate(row: dict) -> str:
+    """The row's :data:`FIRST_RATES` kind (rows from before the field existed are ``declared``)."""
+    return row.get("first_rate", "declared")
+
+
 def recorded(paths: list[str], variants: list[str] | None = None, seeds: list[int] | None = None) -> list[dict]:
-    """The rows of these results files, only of ``variants`` (and the reference, tuned LoRA) and ``seeds`` if given."""
+    """The rows of these results files, only of ``variants`` (and the reference, tuned LoRA) and ``seeds`` if given.
+    A data set whose rows mix first-trial rates (:data:`FIRST_RATES`) is refused: its rows would not compare."""
     rows = results_file.read(paths)
-    return [r for r in rows if (variants is None or r["variant"] in {*variants, REFERENCE}) and (seeds is None or r["seed"] in seeds)]
+    rows = [r for r in rows if (variants is None or r["variant"] in {*variants, REFERENCE}) and (seeds is None or r["seed"] in seeds)]
+    for dataset in {r["dataset"] for r in rows}:
+        kinds = {first_rate(r) for r in rows if r["dataset"] == dataset}
+        if len(kinds) > 1:
+            raise SystemExit(f"{dataset}: rows with first-trial rates {sorted(kinds)} do not compare; keep one kind per results file and data set")
+    return rows
 
 
 def table(rows: list[dict]) -> None:
@@ -365,7 +382,10 @@ def table(rows: list[dict]) -> None:
     for dataset, variants in summary.items():
         seeds = sorted({r["seed"] for r in rows if r["dataset"] == dataset})
         first = next(r for r in rows if r["dataset"] == dataset)
-        print(f"\n{dataset} (seeds {seeds}; {first['steps_per_trial']} steps per trial, budget {first['budget_steps']} steps per variant)")
+        print(
+            f"\n{dataset} (seeds {seeds}; {first['steps_per_trial']} steps per trial, budget {first['budget_steps']} steps per variant; "
+            f"first trial at the {first_rate(first)} learning rate)"
+        )
         print(f"{'variant':<22}{'test':>8}{'±':>7}{'trainable':>12}{'adapter MB':>11}{'s/step':>8}  {'size knob':<28}notes")
         ordered = sorted(variants.items(), key=lambda item: -item[1].get("test", -1.0))
         for name, entry in ordered:
@@ -429,6 +449,7 @@ def main() -> None:
     parser.add_argument("--validation", type=int, default=200)
     parser.add_argument("--test", type=int, default=400)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--first-rate", choices=FIRST_RATES, default="fitted", help="the first trial's learning rate: autopeft's fitted one, or the variant's declared default")
     parser.add_argument("--results", default=str(RESULTS), help="JSON lines file the rows are appended to")
     parser.add_argument("--table", nargs="+", metavar="RESULTS", help="print the table and verdict of recorded results")
     parser.add_argument("--plot", nargs=2, metavar=("RESULTS", "OUT_PNG"), help="draw accuracy against trainable parameters")
