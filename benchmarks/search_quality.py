@@ -409,6 +409,10 @@ def mean_incumbent_test(runs: list[dict], steps: int) -> float | None:
     return None if any(v is None for v in values) else statistics.mean(values)
 
 
+def shown(accuracy: float | None) -> str:
+    return "  none yet" if accuracy is None else f"{accuracy:10.4f}"
+
+
 def table(paths: list[str]) -> None:
     """Print each data set's table and autopeft's goals. Of several rows for one (data set, seed, method), the last
     one read counts: a method rerun after a change, into a later file, replaces its earlier runs."""
@@ -455,11 +459,11 @@ def table(paths: list[str]) -> None:
             print(f"  {method:<24} test {info['test']:.4f} in {info['steps']:.0f} steps: {verdict}")
         if "autopeft-warm" in summary:
             warm = summary["autopeft-warm"]["runs"]
-            print("\nwarm start (from the other data set's search) against a cold start: mean test accuracy of the incumbent")
-            for steps in sorted({p["steps"] for r in auto + warm for p in r["trajectory"] if p["steps"] % subset[0]["steps_per_trial"] == 0}):
-                cold_test, warm_test = mean_incumbent_test(auto, steps), mean_incumbent_test(warm, steps)
-                show = lambda value: "  none yet" if value is None else f"{value:10.4f}"  # noqa: E731
-                print(f"  after {steps:>4} steps: cold {show(cold_test)}, warm {show(warm_test)}")
+            cold = [r for r in auto if r["seed"] in {w["seed"] for w in warm}]  # the same seeds, so the same splits
+            print(f"\nwarm start (from the other data set's search) against a cold start, seeds {sorted(r['seed'] for r in warm)}: mean test accuracy of the incumbent")
+            for steps in range(subset[0]["steps_per_trial"], subset[0]["budget_steps"] + 1, subset[0]["steps_per_trial"]):
+                cold_test, warm_test = (mean_incumbent_test(runs, steps) for runs in (cold, warm))
+                print(f"  after {steps:>4} steps: cold {shown(cold_test)}, warm {shown(warm_test)}")
         default_runs = [r for m, i in summary.items() if m.startswith("peft-default") for r in i["runs"]]
         if default_runs:
             default_size = statistics.median(r["trainable_params"] for r in default_runs)
