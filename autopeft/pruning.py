@@ -18,10 +18,28 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from autopeft.objectives import front_ranks
-from autopeft.spec import PrunerSpec, Spec
+from autopeft.spec import PrunerSpec, Spec, TrainingSpec
 
 if TYPE_CHECKING:
     import optuna
+
+REDUCTION_FACTOR = 4
+"""Successive halving keeps the best quarter at each rung, and each rung is four times the steps of the one before."""
+
+
+def evaluation_steps(training: TrainingSpec, pruner: PrunerSpec) -> list[int]:
+    """The steps at which a trial evaluates on the validation split: every ``training.eval_every`` steps and at
+    the end. With successive halving, only at its rungs (``eval_every`` × 4^k) and at the end: it decides nothing
+    between rungs, and each evaluation costs as much as several training steps."""
+    last = training.max_steps
+    every = training.eval_every or last
+    if pruner.type == "successive-halving":
+        rungs, rung = [], every
+        while rung < last:
+            rungs.append(rung)
+            rung *= REDUCTION_FACTOR
+        return rungs + [last]
+    return sorted({*range(every, last + 1, every), last})
 
 
 def optuna_pruner(pruner: PrunerSpec, first_rung: int | None = None) -> optuna.pruners.BasePruner:
@@ -34,7 +52,7 @@ def optuna_pruner(pruner: PrunerSpec, first_rung: int | None = None) -> optuna.p
     if pruner.type == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=pruner.startup_trials, n_warmup_steps=pruner.warmup_steps)
     if pruner.type == "successive-halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first_rung or "auto", min_early_stopping_rate=0)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first_rung or "auto", reduction_factor=REDUCTION_FACTOR, min_early_stopping_rate=0)
     if pruner.type == "hyperband":
         return optuna.pruners.HyperbandPruner()
     return optuna.pruners.NopPruner()

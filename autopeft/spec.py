@@ -249,7 +249,9 @@ class SearchSpec(_Section):
 class TrainingSpec(_Section):
     max_steps: int = Field(200, ge=1)
     batch_size: int = Field(16, ge=1)
-    eval_every: Optional[int] = Field(None, ge=1, description="steps between evaluations (null: only at the end)")
+    eval_every: Optional[int] = Field(
+        None, ge=1, description="steps between evaluations (null: only at the end); with successive halving, its first rung (then 4x, 16x, ...)"
+    )
     eval_batch_size: int = Field(64, ge=1)
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
@@ -329,7 +331,8 @@ class Spec(_Section):
     def _spend_budget(self) -> Spec:
         """A search with a step budget screens configurations early unless the spec chose a pruner: successive
         halving with one objective, Pareto pruning with several (Optuna's pruners judge one objective only). Its
-        rungs are evaluations every quarter of ``max_steps`` unless ``eval_every`` is set."""
+        first rung is a quarter of ``max_steps`` unless ``eval_every`` is set (see
+        :func:`autopeft.pruning.evaluation_steps` for the others)."""
         if self.search.budget is None:
             return self
         if "pruner" not in self.search.model_fields_set:

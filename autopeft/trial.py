@@ -22,6 +22,7 @@ from autopeft.hookspecs import AttachContext
 from autopeft.models import ResolvedModel, load_base_model, load_tokenizer, pick_device, pick_dtype, quantize_base, resolve_model
 from autopeft.placement import AdapterSite, adapter_sites, select_sites
 from autopeft.plan import Plan
+from autopeft.pruning import evaluation_steps
 from autopeft.quantize import apply_adapter_bits, bake_adapter_bits, write_adapter_bits
 
 if TYPE_CHECKING:
@@ -213,7 +214,7 @@ class Workbench:
             if optimizer is None:
                 optimizer = torch.optim.AdamW(trainable, lr=params["learning_rate"], weight_decay=training.weight_decay)
             schedule = get_linear_schedule_with_warmup(optimizer, int(training.warmup_ratio * training.max_steps), training.max_steps)
-            eval_every = training.eval_every or training.max_steps
+            evaluate_at = set(evaluation_steps(training, self.plan.spec.search.pruner))
             history: list[tuple[int, dict[str, float]]] = []
             train_batches = self._batches(self.data.train, training.batch_size, seed)
             model.train()
@@ -225,7 +226,7 @@ class Workbench:
                 penalty = variant.regularizer(model, step, context)
                 if penalty is not None:
                     loss = loss + penalty
-                read_loss = step % read_every == 0 or step % eval_every == 0 or step == training.max_steps
+                read_loss = step % read_every == 0 or step in evaluate_at
                 if read_loss and not math.isfinite(loss_value := loss.item()):
                     raise TrialFailed(f"the training loss became {loss_value} at step {step}")
                 loss.backward()
@@ -237,7 +238,7 @@ class Workbench:
                 optimizer.zero_grad(set_to_none=True)
                 if read_loss:
                     listener.on_step(step, training.max_steps, loss_value)
-                if step % eval_every == 0 or step == training.max_steps:
+                if step in evaluate_at:
                     metrics = self.evaluate(model, self.data.validation).metrics
                     history.append((step, metrics))
                     listener.on_evaluate(step, metrics)

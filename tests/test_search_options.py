@@ -110,6 +110,28 @@ def test_a_budget_turns_on_successive_halving_with_rungs_at_each_evaluation():
     assert several.search.pruner.type == "pareto"  # successive halving cannot judge two objectives
 
 
+@pytest.mark.parametrize(
+    "search,training,evaluated",
+    [
+        ({"budget": "48 steps"}, {"max_steps": 16, "eval_every": 4}, [4, 16]),  # successive halving: its rungs and the end
+        ({"budget": "48 steps"}, {"max_steps": 40, "eval_every": 2}, [2, 8, 32, 40]),
+        ({"n_trials": 2, "pruner": {"type": "median"}}, {"max_steps": 16, "eval_every": 4}, [4, 8, 12, 16]),  # every evaluation is a rung
+    ],
+)
+def test_with_successive_halving_a_trial_evaluates_only_at_its_rungs(tmp_path, tiny_bert, sentiment_csv, search, training, evaluated):
+    """Catches: evaluating between successive halving's rungs, where it decides nothing (each evaluation costs several
+    training steps: the budgeted search was slower than the alternatives by about its evaluations), or dropping the
+    rungs or evaluations other pruners judge."""
+    spec = write_spec(
+        tmp_path, model={"id": str(tiny_bert)}, data={"source": str(sentiment_csv)},
+        search={"seed": 0, "space": {"learning_rate": {"low": 1e-3, "high": 3e-2, "log": True}}, **search}, training=training,
+    )
+    assert main(["search", str(spec)]) == 0
+    complete = [t for t in study_of(tmp_path / "run").trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete
+    assert [sorted(t.intermediate_values) for t in complete] == [evaluated] * len(complete)
+
+
 @pytest.mark.parametrize("budget", ["lots", "0 steps", -5, "1.5 steps", True])
 def test_a_bad_budget_is_refused_with_what_is_allowed(tmp_path, budget, capsys):
     """Catches: a budget that is neither steps nor a duration accepted (and then ignored or crashing later)."""
