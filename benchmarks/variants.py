@@ -24,8 +24,9 @@ Per (data set, seed, variant), one JSON line: the test accuracy of ``best/`` as 
 search_quality.py), the test accuracy autopeft reported for it, its validation accuracy, trainable parameters,
 adapter bytes (the size of ``adapter_model.safetensors``, and the trial's ``adapter_bytes`` cost), seconds per
 training step (the selected trial's ``train_seconds`` over its steps; they include attaching the adapter and the
-validation passes at each quarter of the steps, alike for every variant), the chosen learning rate and size, and how
-many trials completed, were pruned or failed.
+validation passes, alike for every variant: at each quarter of the steps in the rows recorded up to 2026-11-30 (the
+BBC News rows and Rotten Tomatoes seed 0), at successive halving's rungs only, a quarter and the end, after), the
+chosen learning rate and size, and how many trials completed, were pruned or failed.
 
     taskset -c 0 .venv/bin/python benchmarks/variants.py --seeds 0 1 2
     taskset -c 0 .venv/bin/python benchmarks/variants.py --datasets bbc-news --first-rate declared   # the BBC News rows
