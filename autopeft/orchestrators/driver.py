@@ -131,6 +131,12 @@ def sample_config(trial: optuna.Trial, plan: Plan, sites: list) -> TrialConfig:
 WORKER = {"host": socket.gethostname()}
 
 
+def configured(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether the trial's configuration was wholly sampled (and so it may have trained): the driver records
+    ``config`` only then. A process killed between two parameters leaves some of them sampled, and no ``config``."""
+    return "config" in trial.user_attrs
+
+
 def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """Queue an interrupted trial's configuration to run again, first (its deaths so far travel with it)."""
     study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "deaths": trial.user_attrs.get("deaths", 0)})
@@ -140,12 +146,12 @@ def requeue_dead(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """A trial whose process died (now FAIL without a reason): run it again, unless its configuration has now
     killed a process :data:`MAX_DEATHS` times; then record it failed with that reason (a trial that counts).
 
-    A trial whose process died before any of its configuration was sampled ran nothing: it is not queued (an empty
-    queued trial would be a fresh sample labelled as its retry); it stays an uncounted interrupted trial, and the
-    search samples another in its place."""
+    A trial whose process died before its configuration was wholly sampled (:func:`configured`) ran nothing: it is
+    not queued (a queued partial configuration would be completed by a fresh sample and labelled as its retry); it
+    stays an uncounted interrupted trial, and the search samples another in its place."""
     import optuna
 
-    if not trial.params:
+    if not configured(trial):
         return
     deaths = trial.user_attrs.get("deaths", 0) + 1
     if deaths < MAX_DEATHS:
@@ -308,7 +314,7 @@ class Driver:
                     # Left behind by a process that died: the lock guarantees no live process is running it.
                     study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
                     requeue_dead(study, trial)
-                elif interrupted(trial) and trial.number not in retried and trial.params:
+                elif interrupted(trial) and trial.number not in retried and configured(trial):
                     requeue(study, trial)
         # (Shared studies: workers detect dead trials by heartbeat, and re-queue interrupted ones as they stop.)
         if not trials and self.spec.search.warm_start:

@@ -245,8 +245,8 @@ def test_the_search_process_killed_mid_search_resumes_with_a_fresh_tuner(tmp_pat
         output = first.communicate(timeout=60)[0]
     before = {t.number: t for t in study_trials(run_dir)}
     finished_before = {n: t for n, t in before.items() if t.state.name == "COMPLETE"}
-    # A trial killed before its configuration was sampled ran nothing and is not run again (driver.requeue_dead).
-    interrupted = [n for n, t in before.items() if t.state.name == "RUNNING" and t.params]
+    # A trial killed before its configuration was wholly sampled ran nothing and is not run again (driver.requeue_dead).
+    interrupted = [n for n, t in before.items() if t.state.name == "RUNNING" and "config" in t.user_attrs]
     assert finished_before and interrupted, output
 
     second = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)

@@ -396,8 +396,8 @@ def test_a_reader_never_writes_into_a_study_a_starting_search_is_still_creating(
 
 
 def test_a_trial_killed_before_its_configuration_was_sampled_is_not_run_again(tmp_path, tiny_bert, sentiment_csv):
-    """Catches: removing the empty-configuration check in ``driver.requeue_dead``. A process killed
-    between creating a trial and sampling its parameters leaves a RUNNING trial with none; it ran nothing, so the
+    """Catches: removing the whole-configuration check in ``driver.requeue_dead``. A process killed
+    between creating a trial and sampling all its parameters leaves a RUNNING trial with none or some; it ran nothing, so the
     next run must not queue a "retry" of it (an empty queued trial is a fresh sample labelled as a retry, and with
     n_trials reached it would sit queued for ever). That a trial killed after sampling is run again is covered by
     the tests above that kill a search mid-trial."""
@@ -405,8 +405,11 @@ def test_a_trial_killed_before_its_configuration_was_sampled_is_not_run_again(tm
     assert main(["search", str(spec)]) == 0
     study = optuna.load_study(study_name="autopeft", storage=RunDir(tmp_path / "run").storage_url)
     unsampled = study.ask()  # what a process killed right after ask() leaves behind: RUNNING, no parameters
+    half_sampled = study.ask()  # killed between two parameters: some sampled, no recorded configuration
+    half_sampled.suggest_float("learning_rate", 5e-3, 2e-2, log=True)
     assert main(["search", str(spec)]) == 0
     every = trials(tmp_path / "run")
-    assert every[unsampled.number].state.name == "FAIL" and "failure_reason" not in every[unsampled.number].user_attrs
-    assert not [t for t in every if t.user_attrs.get("retry_of") == unsampled.number]
-    assert [t.state.name for t in every] == ["COMPLETE", "COMPLETE", "FAIL"]
+    for killed in (unsampled, half_sampled):
+        assert every[killed.number].state.name == "FAIL" and "failure_reason" not in every[killed.number].user_attrs
+        assert not [t for t in every if t.user_attrs.get("retry_of") == killed.number]
+    assert [t.state.name for t in every] == ["COMPLETE", "COMPLETE", "FAIL", "FAIL"]
