@@ -24,9 +24,9 @@ Per (data set, seed, variant), one JSON line: the test accuracy of ``best/`` as 
 search_quality.py), the test accuracy autopeft reported for it, its validation accuracy, trainable parameters,
 adapter bytes (the size of ``adapter_model.safetensors``, and the trial's ``adapter_bytes`` cost), seconds per
 training step (the selected trial's ``train_seconds`` over its steps; they include attaching the adapter and the
-validation passes, alike for every variant: at each quarter of the steps in the rows recorded up to 2026-11-30 (the
-BBC News rows and Rotten Tomatoes seed 0), at successive halving's rungs only, a quarter and the end, after), the
-chosen learning rate and size, and how many trials completed, were pruned or failed.
+validation passes: at the steps a row's ``evaluation_steps`` lists, successive halving's rungs; a row without the
+field evaluated at each quarter of the steps, as autopeft did before 2026-11-30), the chosen learning rate and size,
+and how many trials completed, were pruned or failed.
 
     taskset -c 0 .venv/bin/python benchmarks/variants.py --seeds 0 1 2
     taskset -c 0 .venv/bin/python benchmarks/variants.py --datasets bbc-news --first-rate declared   # the BBC News rows
@@ -177,6 +177,7 @@ def run_variant(name: str, data_dir: Path, out: Path, seed: int, tests: TestSet,
     from autopeft.errors import AutoPeftError
     from autopeft.orchestrators.local import run_search
     from autopeft.plan import make_plan
+    from autopeft.pruning import evaluation_steps
     from autopeft.rundir import RunDir, open_study
     from autopeft.spec import parse_spec
 
@@ -191,6 +192,7 @@ def run_variant(name: str, data_dir: Path, out: Path, seed: int, tests: TestSet,
     if result.interrupted:
         raise KeyboardInterrupt
     row["search_seconds"] = round(time.perf_counter() - started, 1)
+    row["evaluation_steps"] = evaluation_steps(plan.spec.training, plan.spec.search.pruner)  # what seconds per step include
     study = open_study(RunDir(out), "maximize")
     trials = study.get_trials(deepcopy=False)
     row["trials"] = dict(collections.Counter(t.state.name.lower() for t in trials))
