@@ -117,6 +117,7 @@ def fit_divisor_fields(model, target_modules: list[str], fields: dict[str, Any])
 
 
 def _count_value(value: Any) -> bool:
+    """An integer that is not a bool (PEFT's booleans are ints to Python)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -126,7 +127,7 @@ def _number(value: Any) -> bool:
 
 def _count(default: Any, literals: list) -> Optional[Param]:
     """Ranks and other counts: a log-scale range from a quarter to four times PEFT's default."""
-    if not isinstance(default, int) or isinstance(default, bool) or default < 1:
+    if not _count_value(default) or default < 1:
         return None  # 0 or None mean "derive it from another field" in PEFT
     return IntParam(max(1, default // 4), default * 4, default=default, log=True, legal=RANK, help="searched around PEFT's default")
 
