@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -141,6 +144,7 @@ def load_raw(spec: Spec, registry: Registry) -> datasets.DatasetDict:
     """The data as a ``DatasetDict`` with ``train``, ``validation`` and ``test``, split by ``data.splits``."""
     import datasets
 
+    datasets.disable_progress_bars()  # autopeft's own display says what is being loaded
     files = data_files(spec)
     try:
         if files is None:
@@ -250,6 +254,108 @@ def prepare(raw: datasets.DatasetDict, tokenizer: PreTrainedTokenizerBase, spec:
     tokenized = {split: _encode_rows(dataset, encode) for split, dataset in raw.items()}
     texts = [str(t) for t in raw["test"][data.text_column]] if names is not None else None
     return PreparedData(tokenized["train"], tokenized["validation"], tokenized["test"], names, texts)
+
+
+def prepare_apart(spec: Spec, registry: Registry, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
+    """``prepare(load_raw(spec, registry), tokenizer, spec)``, run in a forked child process where the system can fork.
+
+    Reading the data needs ``datasets`` and pyarrow: about 80 MB of resident memory that a process keeps until it
+    exits, since libraries are never unloaded. A trial needs only the token ids, so the child reads and tokenizes,
+    hands the splits back as a safetensors file in a private temporary folder, and exits; the search process
+    never imports ``datasets``. Forking (not spawning) means the child starts with the tokenizer and the plugins
+    already loaded, so preparing costs no more time than in-process. A failure in the child is raised here as
+    :class:`DataError` with its message. Where ``fork`` is unsafe or missing (macOS, Windows), the data is prepared
+    in this process.
+    """
+    if not sys.platform.startswith("linux"):
+        return prepare(load_raw(spec, registry), tokenizer, spec)
+    import multiprocessing
+
+    with tempfile.TemporaryDirectory(prefix="autopeft-data-") as scratch:
+        folder = Path(scratch)
+        child = multiprocessing.get_context("fork").Process(
+            target=_prepare_into, args=(spec, registry, tokenizer, folder), name="autopeft-data", daemon=True
+        )
+        child.start()
+        try:
+            child.join()
+        finally:  # interrupted while waiting: the child must not outlive the search
+            if child.is_alive():
+                child.terminate()
+                child.join()
+        failure = folder / "failure.json"
+        if failure.is_file():
+            reason = json.loads(failure.read_text(encoding="utf-8"))
+            if reason["type"] == "KeyboardInterrupt":
+                raise KeyboardInterrupt
+            if reason["type"] == "DataError":
+                raise DataError(reason["message"])
+            raise DataError(f"{spec.path}: reading and tokenizing data.source failed: {reason['type']}: {reason['message']}")
+        if child.exitcode != 0 or not (folder / PREPARED_TOKENS).is_file():
+            how = f"was killed by signal {-child.exitcode}" if (child.exitcode or 0) < 0 else f"exited with code {child.exitcode}"
+            raise DataError(f"{spec.path}: the process reading and tokenizing data.source {how} before it finished (out of memory?)")
+        return read_prepared(folder)
+
+
+PREPARED_TOKENS = "tokens.safetensors"
+PREPARED_INFO = "prepared.json"
+
+
+def _prepare_into(spec: Spec, registry: Registry, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """The forked child's work: prepare the data and write it to ``folder``, or write why it could not."""
+    # The parent's progress display may have replaced the streams with proxies whose locks another thread held at
+    # the fork; write straight to the terminal instead.
+    sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+    try:
+        write_prepared(prepare(load_raw(spec, registry), tokenizer, spec), folder)
+    except BaseException as exc:  # everything, so the parent can say what went wrong
+        (folder / "failure.json").write_text(json.dumps({"type": type(exc).__name__, "message": str(exc)}), encoding="utf-8")
+
+
+def write_prepared(data: PreparedData, folder: Path) -> None:
+    """Write tokenized splits to ``folder``: every integer column as one flat array (plus row offsets for
+    per-token columns) in safetensors, the label names and test texts in JSON."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    arrays: dict[str, np.ndarray] = {}
+    splits: dict[str, dict[str, Any]] = {}
+    for split in ("train", "validation", "test"):
+        rows: list[dict[str, Any]] = getattr(data, split)
+        columns = {}
+        for column in rows[0] if rows else []:
+            values = [row[column] for row in rows]
+            per_token = isinstance(values[0], list)
+            flat = np.array([v for value in values for v in value] if per_token else values, dtype=np.int64)
+            arrays[f"{split}.{column}"] = flat
+            if per_token:
+                arrays[f"{split}.{column}.offsets"] = np.cumsum([0] + [len(value) for value in values], dtype=np.int64)
+            columns[column] = "per_token" if per_token else "per_row"
+        splits[split] = {"rows": len(rows), "columns": columns}
+    save_file(arrays, str(folder / PREPARED_TOKENS))
+    info = {"splits": splits, "label_names": data.label_names, "test_texts": data.test_texts}
+    (folder / PREPARED_INFO).write_text(json.dumps(info), encoding="utf-8")
+
+
+def read_prepared(folder: Path) -> PreparedData:
+    """The :class:`PreparedData` that :func:`write_prepared` wrote to ``folder``."""
+    from safetensors.numpy import load_file
+
+    arrays = load_file(str(folder / PREPARED_TOKENS))
+    info = json.loads((folder / PREPARED_INFO).read_text(encoding="utf-8"))
+    splits: dict[str, list[dict[str, Any]]] = {}
+    for split, layout in info["splits"].items():
+        columns = {}
+        for column, kind in layout["columns"].items():
+            flat = arrays[f"{split}.{column}"].tolist()
+            if kind == "per_token":
+                offsets = arrays[f"{split}.{column}.offsets"].tolist()
+                columns[column] = [flat[start:end] for start, end in zip(offsets, offsets[1:])]
+            else:
+                columns[column] = flat
+        names = list(columns)
+        splits[split] = [dict(zip(names, values)) for values in zip(*(columns[name] for name in names))]
+    return PreparedData(splits["train"], splits["validation"], splits["test"], info["label_names"], info["test_texts"])
 
 
 def _encode_rows(dataset: datasets.Dataset, encode: Callable[[dict[str, list]], dict[str, list]], chunk: int = 1024) -> list[dict]:

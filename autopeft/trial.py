@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from autopeft.adapters import strip_tuner_layers, verify_ranks
 from autopeft.costs import exported_bytes, measure, peak_memory_mb, reported_sizes
-from autopeft.data import PreparedData, batches, load_raw, prepare
+from autopeft.data import PreparedData, batches, prepare_apart
 from autopeft.errors import TrialFailed
 from autopeft.hookspecs import AttachContext
 from autopeft.models import ResolvedModel, load_base_model, load_tokenizer, pick_device, pick_dtype, quantize_base, resolve_model
@@ -89,14 +89,12 @@ class Workbench:
     """What one worker loads once per run and reuses across trials."""
 
     def __init__(self, plan: Plan, load_message: Callable[[str], None] = lambda message: None) -> None:
-        import datasets
         import torch
         import transformers
 
         # Our own progress display replaces the libraries' bars and notices.
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
         self.plan = plan
         spec = plan.spec
@@ -108,7 +106,7 @@ class Workbench:
         self.dtype = pick_dtype(spec.model.dtype, self.device)
         self.tokenizer = load_tokenizer(self.resolved, spec)
         load_message("reading and tokenizing the data")
-        self.data: PreparedData = prepare(load_raw(spec, plan.registry), self.tokenizer, spec)
+        self.data: PreparedData = prepare_apart(spec, plan.registry, self.tokenizer)
         load_message(f"loading {spec.model.id} ({self.resolved.origin}) on {self.device}")
         # The task head is initialised from the global RNG: seed it so every process builds the same base.
         torch.manual_seed(spec.search.seed)
