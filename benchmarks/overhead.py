@@ -13,7 +13,8 @@ batch, optimizer and evaluation set. Both run as fresh processes, alternated ``-
 - ``peak memory``: peak resident memory (VmHWM) of the search process over the loop process's. Goal <= 1.10.
   Both processes also report the memory they held just before training started (model and data loaded), so
   ``training_memory_ratio`` compares what training itself adds (the trial's peak above that, against the loop's);
-  the rest of the difference is what the processes import (autopeft also loads ``datasets``, Optuna, SQLAlchemy).
+  the rest of the difference is what the processes import (autopeft also loads Optuna, SQLAlchemy and pydantic;
+  it reads the data with ``datasets`` in a forked child, so that library is not in the search process).
 - ``search / trials``: a 4-trial search's whole wall time, as the user waits for it (interpreter start-up, imports,
   model loading, tokenization, storage, report, export of ``best/`` with its test predictions) over the sum of its
   trials' training + evaluation (``train_seconds``). Goal <= 1.03.
@@ -27,6 +28,7 @@ functions that took the time outside training are printed.
     cd benchmarks && taskset -c 0 python overhead.py --steps 100 --search-steps 200 --repeats 3
     cd benchmarks && taskset -c 0 python overhead.py --profile        # where a search's time goes
     cd benchmarks && python overhead.py --only trial --steps 40 --repeats 1   # a trial against the loop only
+    cd benchmarks && taskset -c 0 python overhead.py --only search --search-steps 200   # the 4-trial search only
     cd benchmarks && taskset -c 0 python overhead.py --only trial --loop-data datasets --steps 40 --repeats 2
 
 ``--loop-data datasets`` makes the loop load and tokenize its CSV files with ``datasets`` (``load_dataset`` and
@@ -273,7 +275,7 @@ def measure(args: argparse.Namespace) -> None:
         plan = make_plan(parse_spec(search_spec(data_dir, MINILM, "q,v", 1, 1, 1, scratch / "unused"), "benchmark"))
         model_dir = resolve_model(plan.spec.model, plan.registry, Path.cwd()).path
 
-        for targets in args.targets:
+        for targets in args.targets if args.only != "search" else []:
             loops, trials = [], []
             for repeat in range(args.repeats):
                 loops.append(child(["--loop", str(data_dir), str(model_dir), targets, str(args.steps), str(args.threads), str(repeat), args.loop_data]))
@@ -332,6 +334,8 @@ def measure(args: argparse.Namespace) -> None:
             },
             RESULTS,
         )
+        if args.only == "search":
+            return
 
         out = scratch / "thirty"
         model = tiny_model(scratch / "tiny-bert")
@@ -389,7 +393,7 @@ def main() -> None:
     parser.add_argument("--validation", type=int, default=300)
     parser.add_argument("--test", type=int, default=200)
     parser.add_argument("--profile", action="store_true", help="run a 4-trial search under cProfile instead")
-    parser.add_argument("--only", choices=["trial"], help="measure only a trial against the loop (time and memory)")
+    parser.add_argument("--only", choices=["trial", "search"], help="measure only a trial against the loop (time and memory), or only the 4-trial search against its trials")
     parser.add_argument("--targets", nargs="+", default=["q,v", "q,k,v,o"], choices=list(TARGETS), help="adapter placements to compare")
     parser.add_argument("--table", nargs="+", metavar="RESULTS", help="print recorded results")
     parser.add_argument("--loop", nargs=7, help=argparse.SUPPRESS)
