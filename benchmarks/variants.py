@@ -367,11 +367,15 @@ def first_rate(row: dict) -> str:
     return row.get("first_rate", "declared")
 
 
-def recorded(paths: list[str], variants: list[str] | None = None, seeds: list[int] | None = None) -> list[dict]:
-    """The rows of these results files, only of ``variants`` (and the reference, tuned LoRA) and ``seeds`` if given.
+def recorded(paths: list[str], variants: list[str] | None = None, seeds: list[int] | None = None, datasets: list[str] | None = None) -> list[dict]:
+    """The rows of these results files, only of ``variants`` (and the reference, tuned LoRA), ``seeds`` and
+    ``datasets`` if given.
     A data set whose rows mix first-trial rates (:data:`FIRST_RATES`) is refused: its rows would not compare."""
     rows = results_file.read(paths)
-    rows = [r for r in rows if (variants is None or r["variant"] in {*variants, REFERENCE}) and (seeds is None or r["seed"] in seeds)]
+    rows = [
+        r for r in rows
+        if (variants is None or r["variant"] in {*variants, REFERENCE}) and (seeds is None or r["seed"] in seeds) and (datasets is None or r["dataset"] in datasets)
+    ]
     for dataset in {r["dataset"] for r in rows}:
         kinds = {first_rate(r) for r in rows if r["dataset"] == dataset}
         if len(kinds) > 1:
@@ -445,7 +449,7 @@ def plot(rows: list[dict], out: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="+", help="run only these variants (default: every built-in variant); with --table or --plot: read only these and tuned lora")
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS, help="data sets to run (with --table or --plot: to read)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds to run (with --table or --plot: to read)")
     parser.add_argument("--steps", type=int, default=60, help="training steps of one configuration")
     parser.add_argument("--budget-steps", type=int, default=240, help="training steps each variant's search may spend")
@@ -466,9 +470,9 @@ def main() -> None:
         except ValueError as exc:
             parser.error(str(exc))
     if args.table:
-        table(recorded(args.table, args.variants, args.seeds))
+        table(recorded(args.table, args.variants, args.seeds, args.datasets))
     elif args.plot:
-        plot(recorded([args.plot[0]], args.variants, args.seeds), args.plot[1])
+        plot(recorded([args.plot[0]], args.variants, args.seeds, args.datasets), args.plot[1])
     else:
         measure(args)
 
