@@ -264,12 +264,13 @@ def prepare_apart(spec: Spec, registry: Registry, tokenizer: PreTrainedTokenizer
     hands the splits back as a safetensors file in a private temporary folder, and exits; the search process
     never imports ``datasets``. Forking (not spawning) means the child starts with the tokenizer and the plugins
     already loaded, so preparing costs no more time than in-process. A failure in the child is raised here as
-    :class:`DataError` with its message. Where ``fork`` is unsafe or missing (macOS, Windows), the data is prepared
-    in this process.
+    :class:`DataError` with its message. Where ``fork`` is unsafe or missing (macOS, Windows), and in a daemonic
+    process (which may not have children), the data is prepared in this process.
     """
-    if not sys.platform.startswith("linux"):
-        return prepare(load_raw(spec, registry), tokenizer, spec)
     import multiprocessing
+
+    if not sys.platform.startswith("linux") or multiprocessing.current_process().daemon:
+        return prepare(load_raw(spec, registry), tokenizer, spec)
 
     with tempfile.TemporaryDirectory(prefix="autopeft-data-") as scratch:
         folder = Path(scratch)

@@ -105,3 +105,22 @@ def test_a_child_killed_while_preparing_is_reported_not_awaited_forever(classifi
     monkeypatch.setattr("autopeft.data.prepare", lambda raw, tokenizer, spec: os.kill(os.getpid(), signal.SIGKILL))
     with pytest.raises(DataError, match=r"spec\.yaml: the process reading and tokenizing data.source was killed by signal 9"):
         prepare_apart(spec, registry, tokenizer)
+
+
+def _prepare_and_count(spec_path, queue) -> None:
+    tokenizer, spec, registry = _tokenizer_and_spec(spec_path)
+    queue.put(len(prepare_apart(spec, registry, tokenizer).train))
+
+
+def test_a_daemonic_process_which_may_not_fork_children_prepares_its_data_itself(classification_spec):
+    """Catches: a search started from a pool worker (a daemonic process) failing with "daemonic processes are
+    not allowed to have children" instead of reading its data."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    worker = context.Process(target=_prepare_and_count, args=(classification_spec, queue), daemon=True)
+    worker.start()
+    worker.join(timeout=300)
+    assert worker.exitcode == 0
+    assert queue.get(timeout=5) == 160
