@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -284,7 +283,7 @@ def prepare_apart(spec: Spec, registry: Registry, tokenizer: PreTrainedTokenizer
             if child.is_alive():
                 child.terminate()
                 child.join()
-        failure = folder / "failure.json"
+        failure = folder / PREPARE_FAILURE
         if failure.is_file():
             reason = json.loads(failure.read_text(encoding="utf-8"))
             if reason["type"] == "KeyboardInterrupt":
@@ -300,6 +299,7 @@ def prepare_apart(spec: Spec, registry: Registry, tokenizer: PreTrainedTokenizer
 
 PREPARED_TOKENS = "tokens.safetensors"
 PREPARED_INFO = "prepared.json"
+PREPARE_FAILURE = "failure.json"
 
 
 def _prepare_into(spec: Spec, registry: Registry, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
@@ -310,7 +310,7 @@ def _prepare_into(spec: Spec, registry: Registry, tokenizer: PreTrainedTokenizer
     try:
         write_prepared(prepare(load_raw(spec, registry), tokenizer, spec), folder)
     except BaseException as exc:  # everything, so the parent can say what went wrong
-        (folder / "failure.json").write_text(json.dumps({"type": type(exc).__name__, "message": str(exc)}), encoding="utf-8")
+        (folder / PREPARE_FAILURE).write_text(json.dumps({"type": type(exc).__name__, "message": str(exc)}), encoding="utf-8")
 
 
 def write_prepared(data: PreparedData, folder: Path) -> None:
